@@ -1,0 +1,59 @@
+//! The errors and reasons a user of wharf can act on.
+
+use std::io;
+
+/// Why a send was refused. Nothing was queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The connection is closed (or closing): the id is stale.
+    #[error("connection closed")]
+    Closed,
+    /// The connection's send queue is above its high-water mark; wait for
+    /// the peer to read (or close it).
+    #[error("send queue full (back-pressure)")]
+    Backpressure,
+    /// The message is larger than the framing can carry.
+    #[error("message of {len} bytes exceeds the maximum frame of {max}")]
+    TooLarge {
+        /// The message's length.
+        len: usize,
+        /// The framing's maximum.
+        max: usize,
+    },
+    /// The server is shutting down or gone.
+    #[error("server stopped")]
+    Stopped,
+}
+
+/// Why a connection closed; given once to `Handler::on_close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer closed its side of the connection.
+    PeerClosed,
+    /// The handler called [`Conn::close`](crate::Conn::close).
+    Local,
+    /// [`Handle::disconnect`](crate::Handle::disconnect) was called.
+    Disconnected,
+    /// The peer announced a frame larger than the maximum.
+    FrameTooLarge {
+        /// The length the peer announced.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The peer's bytes could not be framed.
+    Protocol(String),
+    /// The connection failed (reset, aborted, timed out).
+    Io(io::ErrorKind),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Why [`Server::shutdown`](crate::Server::shutdown) could not finish cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    /// A loop thread panicked (in a handler callback, most likely).
+    #[error("an event-loop thread panicked")]
+    Panicked,
+}

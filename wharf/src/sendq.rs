@@ -1,0 +1,154 @@
+//! A connection's outgoing bytes, waiting for the next gathered send.
+//!
+//! Small messages sent from a callback are copied, header and all, into one
+//! growing `tail` buffer, so a burst of them becomes one iovec; shared
+//! `Bytes` (broadcasts, large messages) are queued by reference. Order is
+//! kept: the tail is sealed into the queue before any shared buffer joins it.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{FrameError, FrameReader};
+use crate::sys::SendBatch;
+
+/// Most buffers moved into one send batch (the backend may gather fewer).
+const BATCH_BUFS: usize = 64;
+
+/// Capacity above which an empty tail is released rather than kept for reuse.
+const TAIL_KEEP: usize = 64 * 1024;
+
+#[derive(Default)]
+pub(crate) struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+}
+
+impl OutQueue {
+    /// Encodes `msg` with `writer` and queues a copy.
+    pub(crate) fn push_copy(
+        &mut self,
+        writer: &mut FrameReader,
+        msg: &[u8],
+    ) -> Result<(), FrameError> {
+        writer.encode(msg, &mut self.tail)
+    }
+
+    /// Queues `body` without copying it, after the framing's header.
+    pub(crate) fn push_shared(
+        &mut self,
+        writer: &mut FrameReader,
+        body: Bytes,
+    ) -> Result<(), FrameError> {
+        if writer.is_custom() {
+            return writer.encode(&body, &mut self.tail);
+        }
+        if let Some((header, n)) = writer.shared_header(body.len())? {
+            self.tail.extend_from_slice(&header[..n]);
+        }
+        if body.len() < 256 {
+            // Small bodies are cheaper to copy than to gather.
+            self.tail.extend_from_slice(&body);
+        } else {
+            self.seal();
+            self.chunks.push_back(body);
+        }
+        Ok(())
+    }
+
+    /// Queues bytes that are already in wire form (an encoded broadcast).
+    pub(crate) fn push_encoded(&mut self, wire: Bytes) {
+        self.seal();
+        self.chunks.push_back(wire);
+    }
+
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.tail.is_empty()
+    }
+
+    /// Bytes queued and not yet handed to a send.
+    pub(crate) fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.tail.len()
+    }
+
+    /// Moves queued buffers into `batch`, in order.
+    pub(crate) fn fill(&mut self, batch: &mut SendBatch) {
+        self.seal();
+        while batch.bufs.len() < BATCH_BUFS {
+            match self.chunks.pop_front() {
+                Some(b) if b.is_empty() => continue,
+                Some(b) => batch.bufs.push(b),
+                None => break,
+            }
+        }
+        if self.tail.capacity() > TAIL_KEEP {
+            self.tail = BytesMut::new();
+        }
+    }
+
+    /// Drops everything queued (the connection failed).
+    pub(crate) fn clear(&mut self) {
+        self.chunks.clear();
+        self.tail = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Framing;
+
+    fn drain(q: &mut OutQueue) -> Vec<u8> {
+        let mut batch = SendBatch::default();
+        let mut out = Vec::new();
+        while !q.is_empty() {
+            q.fill(&mut batch);
+            for b in batch.bufs.drain(..) {
+                out.extend_from_slice(&b);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn copies_and_shared_bodies_keep_their_order() {
+        let framing = Framing::default();
+        let mut w = framing.reader();
+        let mut q = OutQueue::default();
+        q.push_copy(&mut w, b"ab").unwrap();
+        let big = Bytes::from(vec![7u8; 300]);
+        q.push_shared(&mut w, big.clone()).unwrap();
+        q.push_copy(&mut w, b"c").unwrap();
+        q.push_encoded(Bytes::from_static(b"\0\0\0\x01z"));
+        assert_eq!(q.len(), 6 + 304 + 5 + 5);
+        let mut want = b"\0\0\0\x02ab\0\0\x01\x2c".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"\0\0\0\x01c\0\0\0\x01z");
+        assert_eq!(drain(&mut q), want);
+    }
+
+    #[test]
+    fn raw_framing_adds_no_header() {
+        let framing = Framing::raw();
+        let mut w = framing.reader();
+        let mut q = OutQueue::default();
+        q.push_copy(&mut w, b"xy").unwrap();
+        q.push_shared(&mut w, Bytes::from_static(b"z")).unwrap();
+        assert_eq!(drain(&mut q), b"xyz");
+    }
+
+    #[test]
+    fn too_large_is_refused_and_queues_nothing() {
+        let framing: Framing = Framing::length_prefixed().max_frame(4).into();
+        let mut w = framing.reader();
+        let mut q = OutQueue::default();
+        assert!(q.push_shared(&mut w, Bytes::from_static(b"12345")).is_err());
+        assert!(q.is_empty());
+    }
+}

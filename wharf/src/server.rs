@@ -1,0 +1,475 @@
+//! Starting, reaching and stopping a server: `Builder`, `Server`, `Handle`.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{FrameError, Framing};
+use crate::error::{SendError, ShutdownError};
+use crate::event_loop::{EventLoop, LoopConfig};
+use crate::handler::Handler;
+use crate::id::{ConnId, LiveTable, MAX_LOOPS, MAX_SLOTS};
+use crate::mailbox::{Command, Mailbox};
+use crate::sys::{self, DriverConfig, Listener};
+
+/// Which completion engine the loops run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The best one this machine supports.
+    #[default]
+    Auto,
+    /// io_uring (Linux).
+    Uring,
+}
+
+/// Configures and starts a server (or a client: start without `bind` and
+/// use [`Handle::connect`]).
+#[derive(Debug)]
+pub struct Builder {
+    threads: usize,
+    framing: Framing,
+    listeners: Vec<(SocketAddr, Listener)>,
+    backlog: i32,
+    max_connections: usize,
+    recv_buffers: u16,
+    recv_buffer_size: u32,
+    queue_depth: u32,
+    nodelay: bool,
+    high_water: usize,
+    close_linger: Duration,
+    backend: Backend,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            framing: Framing::default(),
+            listeners: Vec::new(),
+            backlog: 1024,
+            max_connections: 100_000,
+            recv_buffers: 512,
+            recv_buffer_size: 16 * 1024,
+            queue_depth: 4096,
+            nodelay: true,
+            high_water: 4 << 20,
+            close_linger: Duration::from_secs(2),
+            backend: Backend::Auto,
+        }
+    }
+}
+
+impl Builder {
+    /// Event-loop threads (default: one per CPU).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n.clamp(1, MAX_LOOPS);
+        self
+    }
+
+    /// How messages are cut from the byte stream (default: 4-byte
+    /// big-endian length prefix, 1 MiB maximum).
+    pub fn framing(mut self, framing: impl Into<Framing>) -> Self {
+        self.framing = framing.into();
+        self
+    }
+
+    /// Listens on `addr` (may be called for several addresses). The port is
+    /// taken now, so a busy port or a malformed address fails here.
+    pub fn bind(mut self, addr: impl ToSocketAddrs) -> io::Result<Self> {
+        let mut last = None;
+        for addr in addr.to_socket_addrs()? {
+            match sys::bind(addr, self.backlog) {
+                Ok(listener) => {
+                    let local = listener
+                        .local_addr()?
+                        .as_socket()
+                        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+                    self.listeners.push((local, listener));
+                    return Ok(self);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
+        }))
+    }
+
+    /// Most connections open at once (default 100,000); more are closed at
+    /// once when accepted.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.clamp(1, MAX_SLOTS);
+        self
+    }
+
+    /// The receive-buffer pool of each loop: `count` (a power of two) buffers
+    /// of `size` bytes (default 512 × 16 KiB). Buffers are shared by all of
+    /// a loop's connections and held only while data is being handled.
+    pub fn recv_buffers(mut self, count: u16, size: u32) -> Self {
+        self.recv_buffers = count;
+        self.recv_buffer_size = size;
+        self
+    }
+
+    /// Disable Nagle's algorithm on every connection (default: true).
+    pub fn nodelay(mut self, on: bool) -> Self {
+        self.nodelay = on;
+        self
+    }
+
+    /// Bytes a connection may have queued before sends fail with
+    /// [`SendError::Backpressure`] (default 4 MiB). A message is refused
+    /// only when the queue is already above the mark, so one message of any
+    /// size up to the maximum frame always fits.
+    pub fn send_high_water(mut self, bytes: usize) -> Self {
+        self.high_water = bytes;
+        self
+    }
+
+    /// How long a closing connection waits for its peer to finish after
+    /// queued data has been sent (default 2 s).
+    pub fn close_linger(mut self, d: Duration) -> Self {
+        self.close_linger = d;
+        self
+    }
+
+    /// The completion engine (default: [`Backend::Auto`]).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Starts the loops and returns the running server.
+    pub fn start<H: Handler>(self, handler: H) -> io::Result<Server> {
+        match self.backend {
+            Backend::Auto | Backend::Uring => sys::probe()?,
+        }
+        let threads = self.threads;
+        // One listener per loop and address, sharing the port.
+        let mut per_loop: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::new();
+        for (addr, first) in self.listeners {
+            local_addrs.push(addr);
+            per_loop[0].push(first);
+            for listeners in per_loop.iter_mut().skip(1) {
+                listeners.push(sys::bind(addr, self.backlog)?);
+            }
+        }
+        let slots = self.max_connections;
+        let shared = Arc::new(Shared {
+            loops: (0..threads)
+                .map(|_| LoopShared {
+                    mailbox: Mailbox::new(),
+                    live: LiveTable::new(slots),
+                    stats: LoopStats::default(),
+                })
+                .collect(),
+            framing: self.framing.clone(),
+            next_loop: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+        });
+        let handle = Handle { shared };
+        let handler = Arc::new(handler);
+        let driver = DriverConfig {
+            recv_buffers: self.recv_buffers,
+            recv_buffer_size: self.recv_buffer_size,
+            queue_depth: self.queue_depth,
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut joins = Vec::new();
+        for (index, listeners) in per_loop.into_iter().enumerate() {
+            let config = LoopConfig {
+                index,
+                driver,
+                framing: self.framing.clone(),
+                max_slots: slots,
+                nodelay: self.nodelay,
+                high_water: self.high_water,
+                close_linger: self.close_linger,
+            };
+            let handler = handler.clone();
+            let handle = handle.clone();
+            let ready = ready_tx.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("wharf-loop-{index}"))
+                .spawn(
+                    move || match EventLoop::new(config, handler, handle, listeners) {
+                        Ok(event_loop) => {
+                            let _ = ready.send(Ok(()));
+                            event_loop.run();
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    },
+                )?;
+            joins.push(join);
+        }
+        drop(ready_tx);
+        let mut server = Server {
+            handle,
+            joins,
+            local_addrs,
+        };
+        for _ in 0..threads {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = server.stop(Duration::ZERO);
+                    return Err(e);
+                }
+                Err(_) => {
+                    let _ = server.stop(Duration::ZERO);
+                    return Err(io::Error::other("an event-loop thread died while starting"));
+                }
+            }
+        }
+        Ok(server)
+    }
+}
+
+/// A running server: its loops, listeners and connections.
+///
+/// Dropping it stops it at once (as `shutdown(Duration::ZERO)`): call
+/// [`Server::shutdown`] to let queued data drain.
+#[derive(Debug)]
+pub struct Server {
+    handle: Handle,
+    joins: Vec<JoinHandle<()>>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+impl Server {
+    /// A builder with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A handle to reach connections from any thread.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// The first address listened on (useful after binding port 0).
+    ///
+    /// # Panics
+    /// If the server listens on nothing.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addrs[0]
+    }
+
+    /// Every address listened on.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Stops accepting, lets every connection flush what is queued (until
+    /// `deadline` has passed), closes them (each gets `on_close` with
+    /// [`CloseReason::Shutdown`](crate::CloseReason::Shutdown)) and joins the
+    /// loop threads. No callback runs after this returns.
+    pub fn shutdown(mut self, deadline: Duration) -> Result<(), ShutdownError> {
+        self.stop(deadline)
+    }
+
+    fn stop(&mut self, deadline: Duration) -> Result<(), ShutdownError> {
+        let until = Instant::now() + deadline;
+        for l in &self.handle.shared.loops {
+            l.mailbox.post(Command::Shutdown(until));
+        }
+        let mut panicked = false;
+        for join in self.joins.drain(..) {
+            panicked |= join.join().is_err();
+        }
+        self.handle.shared.stopped.store(true, Ordering::Release);
+        if panicked {
+            Err(ShutdownError::Panicked)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.joins.is_empty() {
+            let _ = self.stop(Duration::ZERO);
+        }
+    }
+}
+
+/// Reaches a server's connections from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("loops", &self.shared.loops.len())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Sends one message to connection `id`.
+    ///
+    /// Fails at once with [`SendError::Closed`] if `id` is not open: a stale
+    /// id never reaches a newer connection in the same slot. A connection
+    /// that closes after this returns `Ok` drops the message.
+    pub fn send(&self, id: ConnId, msg: Bytes) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        let max = self.shared.framing.max_frame();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        l.mailbox.post(Command::Send(id, msg));
+        Ok(())
+    }
+
+    /// Sends one message to every open connection. It is encoded once and
+    /// shared by all of them.
+    pub fn broadcast(&self, msg: Bytes) -> Result<(), SendError> {
+        self.check_running()?;
+        let wire = self
+            .shared
+            .framing
+            .encode_shared(&msg)
+            .map_err(|e| match e {
+                FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
+                FrameError::Invalid(_) => SendError::TooLarge {
+                    len: msg.len(),
+                    max: 0,
+                },
+            })?;
+        for l in &self.shared.loops {
+            l.mailbox.post(Command::Broadcast(wire.clone()));
+        }
+        Ok(())
+    }
+
+    /// Closes connection `id` after what is queued for it has been sent; its
+    /// `on_close` gets [`CloseReason::Disconnected`](crate::CloseReason::Disconnected).
+    pub fn disconnect(&self, id: ConnId) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        l.mailbox.post(Command::Disconnect(id));
+        Ok(())
+    }
+
+    /// Opens an outbound connection on one of the loops. It gets the same
+    /// callbacks as an accepted one (`Conn::is_outbound` tells them apart);
+    /// a failure calls `Handler::on_connect_failed`.
+    pub fn connect(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(io::Error::other("server stopped"));
+        }
+        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
+        })?;
+        let n = self.shared.next_loop.fetch_add(1, Ordering::Relaxed);
+        let l = &self.shared.loops[n % self.shared.loops.len()];
+        l.mailbox.post(Command::Connect(addr));
+        Ok(())
+    }
+
+    /// Whether `id` names an open connection.
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.open_loop(id).is_ok()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.stats().connections as usize
+    }
+
+    /// Counters summed over every loop (each loop publishes its own once per
+    /// turn, so they lag by at most one turn).
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for l in &self.shared.loops {
+            let t = &l.stats;
+            s.connections += t.open.load(Ordering::Relaxed);
+            s.accepted += t.accepted.load(Ordering::Relaxed);
+            s.refused += t.refused.load(Ordering::Relaxed);
+            s.closed += t.closed.load(Ordering::Relaxed);
+            s.messages_in += t.messages_in.load(Ordering::Relaxed);
+            s.messages_out += t.messages_out.load(Ordering::Relaxed);
+            s.bytes_in += t.bytes_in.load(Ordering::Relaxed);
+            s.bytes_out += t.bytes_out.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    fn check_running(&self) -> Result<(), SendError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            Err(SendError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn open_loop(&self, id: ConnId) -> Result<&LoopShared, SendError> {
+        self.check_running()?;
+        match self.shared.loops.get(id.loop_index()) {
+            Some(l) if l.live.is_open(id) => Ok(l),
+            _ => Err(SendError::Closed),
+        }
+    }
+}
+
+/// Live counters of a server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections opened so far (accepted or connected).
+    pub accepted: u64,
+    /// Connections refused (over `max_connections`, or during shutdown).
+    pub refused: u64,
+    /// Connections closed so far.
+    pub closed: u64,
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages queued for sending.
+    pub messages_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+}
+
+/// What every thread may see of one loop.
+pub(crate) struct LoopShared {
+    pub(crate) mailbox: Mailbox,
+    pub(crate) live: LiveTable,
+    pub(crate) stats: LoopStats,
+}
+
+/// One loop's counters; written by that loop only, once per turn.
+#[derive(Default)]
+pub(crate) struct LoopStats {
+    pub(crate) open: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) loops: Vec<LoopShared>,
+    pub(crate) framing: Framing,
+    next_loop: AtomicUsize,
+    stopped: AtomicBool,
+}

@@ -1,0 +1,148 @@
+//! The provided-buffer ring: a pool of receive buffers shared by every
+//! connection of one loop. The kernel picks a buffer only when data arrives,
+//! so an idle connection pins no receive memory (the io_uring answer to the
+//! IOCP servers' WSAENOBUFS lesson).
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+use io_uring::IoUring;
+
+/// The buffer group id every receive of a loop uses.
+pub(super) const GROUP: u16 = 0;
+
+pub(super) struct BufRing {
+    entries: NonNull<BufRingEntry>,
+    entries_layout: Layout,
+    memory: NonNull<u8>,
+    memory_layout: Layout,
+    count: u16,
+    size: u32,
+    tail: u16,
+}
+
+impl BufRing {
+    /// Allocates `count` buffers of `size` bytes and registers them with
+    /// `ring`. `count` must be a power of two, at most 32768.
+    pub(super) fn new(ring: &IoUring, count: u16, size: u32) -> io::Result<BufRing> {
+        if !count.is_power_of_two() || count > 32768 || size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "receive buffer count must be a power of two up to 32768, size above 0",
+            ));
+        }
+        let entries_layout =
+            Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+                .map_err(io::Error::other)?;
+        let memory_layout = Layout::from_size_align(count as usize * size as usize, 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size (count and size are > 0).
+        // The ring must start zeroed: the kernel reads the tail from it.
+        let entries = unsafe { alloc::alloc_zeroed(entries_layout) };
+        let entries = NonNull::new(entries as *mut BufRingEntry)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        // SAFETY: as above. Untouched pages of this allocation are not
+        // resident, so a large pool costs memory only as it is used.
+        let memory = unsafe { alloc::alloc(memory_layout) };
+        let Some(memory) = NonNull::new(memory) else {
+            // SAFETY: allocated just above with this layout.
+            unsafe { alloc::dealloc(entries.as_ptr() as *mut u8, entries_layout) };
+            return Err(io::ErrorKind::OutOfMemory.into());
+        };
+        let mut this = BufRing {
+            entries,
+            entries_layout,
+            memory,
+            memory_layout,
+            count,
+            size,
+            tail: 0,
+        };
+        // SAFETY: the entries and buffers stay allocated until `drop`, which
+        // runs only after the ring itself is gone (the driver declares the
+        // ring first) or deliberately leaks them if operations are in flight.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                this.entries.as_ptr() as u64,
+                count,
+                GROUP,
+                0,
+            )?;
+        }
+        for bid in 0..count {
+            this.push(bid);
+        }
+        this.publish();
+        Ok(this)
+    }
+
+    /// The first `len` bytes of buffer `bid`, which the kernel has just
+    /// filled and handed to us in a completion.
+    ///
+    /// # Safety
+    /// `bid` must come from a receive completion of this ring reporting `len`
+    /// bytes, and must not have been recycled since.
+    pub(super) unsafe fn filled(&self, bid: u16, len: usize) -> &[u8] {
+        debug_assert!(bid < self.count && len <= self.size as usize);
+        // SAFETY: the caller's contract: the kernel wrote `len` bytes into
+        // this buffer and no longer touches it until we give it back.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.memory.as_ptr().add(bid as usize * self.size as usize),
+                len,
+            )
+        }
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    pub(super) fn recycle(&mut self, bid: u16) {
+        self.push(bid);
+        self.publish();
+    }
+
+    fn push(&mut self, bid: u16) {
+        let mask = self.count - 1;
+        let index = (self.tail & mask) as usize;
+        // SAFETY: `index < count`, inside the entries allocation; the kernel
+        // reads only entries between its head and the published tail, and
+        // this one is past the tail until `publish`.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(index) };
+        // SAFETY: `bid < count`, so the buffer lies inside `memory`.
+        let addr = unsafe { self.memory.as_ptr().add(bid as usize * self.size as usize) };
+        entry.set_addr(addr as u64);
+        entry.set_len(self.size);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field overlays the first entry's reserved field,
+        // inside the entries allocation; the kernel reads it concurrently,
+        // hence the atomic store with release ordering after the entry writes.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries.as_ptr()) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Keeps the memory allocated forever: used when the kernel may still
+    /// write into it (operations in flight when a loop is torn down).
+    pub(super) fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the ring that used these buffers is gone and no operation
+        // is in flight (otherwise the driver calls `leak` instead), so the
+        // kernel holds no reference to them.
+        unsafe {
+            alloc::dealloc(self.entries.as_ptr() as *mut u8, self.entries_layout);
+            alloc::dealloc(self.memory.as_ptr(), self.memory_layout);
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The io_uring backend: one ring per loop thread.
+//!
+//! Accepts and receives are multishot (one submission, many completions);
+//! receives draw from a provided-buffer ring; every connection has at most
+//! one gathered `sendmsg` in flight. Submissions queue up during a loop turn
+//! and go to the kernel in one `io_uring_enter` with the wait.
+
+mod bufring;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem::ManuallyDrop;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use socket2::{Domain, Protocol, SockAddr, Type};
+
+use self::bufring::BufRing;
+use super::{DriverConfig, Event, RecvEnd, SendBatch};
+
+/// An owned socket; dropping it closes it.
+pub(crate) type Socket = socket2::Socket;
+/// An owned listening socket.
+pub(crate) type Listener = socket2::Socket;
+
+// The high byte of a submission's user data says what it was; the low 32 bits
+// name the slot or listener it belongs to.
+const ACCEPT: u64 = 1;
+const RECV: u64 = 2;
+const SEND: u64 = 3;
+const CONNECT: u64 = 4;
+const CANCEL: u64 = 5;
+const WAKE: u64 = 6;
+
+fn tag(kind: u64, id: u32) -> u64 {
+    kind << 56 | id as u64
+}
+
+/// Most buffers gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+
+/// Scratch space of one send: the kernel reads the message header and the
+/// iovecs while the send is in flight, so they live in the batch.
+pub(crate) struct SendScratch {
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+impl Default for SendScratch {
+    fn default() -> Self {
+        SendScratch {
+            iov: Vec::new(),
+            // SAFETY: msghdr is a plain C struct for which all-zero is the
+            // documented "no address, no control data" value.
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+/// Wakes a driver from another thread through an eventfd the ring reads.
+#[derive(Clone, Debug)]
+pub(crate) struct Waker {
+    fd: Arc<OwnedFd>,
+}
+
+impl Waker {
+    pub(crate) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. An
+        // error (the counter is saturated) means a wake-up is pending anyway.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            );
+        }
+    }
+}
+
+pub(crate) struct Driver {
+    ring: IoUring,
+    bufs: ManuallyDrop<BufRing>,
+    /// Submissions that did not fit the submission queue yet.
+    backlog: VecDeque<squeue::Entry>,
+    /// Completions copied out of the ring before they are handled, so that
+    /// handling them may queue new submissions.
+    reaped: Vec<cqueue::Entry>,
+    /// Operations submitted whose final completion has not arrived: while
+    /// any is, the buffers may not be freed.
+    in_flight: usize,
+    waker: Waker,
+    /// The eventfd counter is read into this box; the read is always in
+    /// flight, so the box lives as long as the driver.
+    wake_buf: Box<u64>,
+    /// Addresses of connects in flight, which the kernel reads.
+    connecting: HashMap<u32, Box<SockAddr>>,
+}
+
+impl Driver {
+    pub(crate) fn new(config: &DriverConfig) -> io::Result<Driver> {
+        let depth = config.queue_depth.max(64);
+        let ring = IoUring::builder()
+            .setup_cqsize(depth * 4)
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(depth)
+            .or_else(|_| IoUring::builder().setup_cqsize(depth * 4).build(depth))?;
+        let bufs = BufRing::new(&ring, config.recv_buffers, config.recv_buffer_size)?;
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh eventfd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut driver = Driver {
+            ring,
+            bufs: ManuallyDrop::new(bufs),
+            backlog: VecDeque::new(),
+            reaped: Vec::with_capacity(256),
+            in_flight: 0,
+            waker: Waker { fd: Arc::new(fd) },
+            wake_buf: Box::new(0),
+            connecting: HashMap::new(),
+        };
+        driver.arm_waker();
+        Ok(driver)
+    }
+
+    pub(crate) fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    pub(crate) fn listen(&mut self, listener: u32, socket: &Listener) {
+        let entry = opcode::AcceptMulti::new(Fd(socket.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(tag(ACCEPT, listener));
+        // SAFETY: a multishot accept carries no pointers.
+        unsafe { self.push(entry) };
+        self.in_flight += 1;
+    }
+
+    pub(crate) fn unlisten(&mut self, listener: u32, socket: &Listener) {
+        let _ = listener;
+        self.cancel_fd(socket.as_raw_fd());
+    }
+
+    pub(crate) fn recv(&mut self, slot: u32, socket: &Socket) {
+        let entry = opcode::RecvMulti::new(Fd(socket.as_raw_fd()), bufring::GROUP)
+            .build()
+            .user_data(tag(RECV, slot));
+        // SAFETY: the receive writes only into ring buffers, which outlive
+        // every operation (see `Drop`).
+        unsafe { self.push(entry) };
+        self.in_flight += 1;
+    }
+
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
+        let SendBatch { bufs, offset, os } = batch;
+        os.iov.clear();
+        for (i, buf) in bufs.iter().take(MAX_IOV).enumerate() {
+            let skip = if i == 0 { *offset } else { 0 };
+            os.iov.push(libc::iovec {
+                iov_base: buf[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: buf.len() - skip,
+            });
+        }
+        os.msg.msg_iov = os.iov.as_mut_ptr();
+        os.msg.msg_iovlen = os.iov.len() as _;
+        let entry = opcode::SendMsg::new(Fd(socket.as_raw_fd()), &os.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(tag(SEND, slot));
+        // SAFETY: the contract of `send`: the batch (its buffers, iovecs and
+        // header) is neither moved nor touched until the `Sent` event, and
+        // MSG_NOSIGNAL keeps a reset peer from raising SIGPIPE.
+        unsafe { self.push(entry) };
+        self.in_flight += 1;
+    }
+
+    pub(crate) fn connect(&mut self, slot: u32, socket: &Socket, addr: SocketAddr) {
+        let addr = Box::new(SockAddr::from(addr));
+        let entry = opcode::Connect::new(
+            Fd(socket.as_raw_fd()),
+            addr.as_ptr() as *const _,
+            addr.len(),
+        )
+        .build()
+        .user_data(tag(CONNECT, slot));
+        // SAFETY: the boxed address stays in `connecting` until the connect's
+        // completion is handled.
+        unsafe { self.push(entry) };
+        self.connecting.insert(slot, addr);
+        self.in_flight += 1;
+    }
+
+    pub(crate) fn cancel(&mut self, slot: u32, socket: &Socket) {
+        let _ = slot;
+        self.cancel_fd(socket.as_raw_fd());
+    }
+
+    fn cancel_fd(&mut self, fd: RawFd) {
+        let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
+            .build()
+            .user_data(tag(CANCEL, 0));
+        // SAFETY: a cancel carries no pointers.
+        unsafe { self.push(entry) };
+    }
+
+    fn arm_waker(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let entry = opcode::Read::new(Fd(self.waker.fd.as_raw_fd()), buf as *mut u8, 8)
+            .build()
+            .user_data(tag(WAKE, 0));
+        // SAFETY: `wake_buf` is boxed and lives as long as the driver; while
+        // the ring exists a read is pending on it and nothing else reads it.
+        unsafe { self.push(entry) };
+        self.in_flight += 1;
+    }
+
+    /// Queues one submission.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid until its final completion.
+    unsafe fn push(&mut self, entry: squeue::Entry) {
+        if self.backlog.is_empty() {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+        }
+        self.backlog.push_back(entry);
+    }
+
+    /// Moves backlogged submissions into the queue, flushing it to the kernel
+    /// when full.
+    fn drain_backlog(&mut self) -> io::Result<()> {
+        while let Some(entry) = self.backlog.pop_front() {
+            // SAFETY: every backlogged entry met `push`'s contract.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                self.backlog.push_front(entry);
+                match self.ring.submit() {
+                    Ok(_) => {}
+                    // The completion queue is full: reap first, then go on.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued, waits up to `timeout` (forever if `None`) for
+    /// a completion, and hands every ready completion to `f`.
+    pub(crate) fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        mut f: impl FnMut(Event<'_>),
+    ) -> io::Result<()> {
+        self.drain_backlog()?;
+        let want = usize::from(self.ring.completion().is_empty());
+        let result = match timeout {
+            None => self.ring.submit_and_wait(want),
+            Some(t) => {
+                let ts = Timespec::from(t);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) => match e.raw_os_error() {
+                // ETIME: the timeout passed. EINTR: a signal. EBUSY: the
+                // completion queue overflowed; reaping below makes room.
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+                _ => return Err(e),
+            },
+        }
+        self.reaped.clear();
+        self.reaped.extend(self.ring.completion());
+        let mut reaped = std::mem::take(&mut self.reaped);
+        for cqe in &reaped {
+            self.dispatch(cqe, &mut f);
+        }
+        reaped.clear();
+        self.reaped = reaped;
+        Ok(())
+    }
+
+    fn dispatch(&mut self, cqe: &cqueue::Entry, f: &mut impl FnMut(Event<'_>)) {
+        let data = cqe.user_data();
+        let id = data as u32;
+        let res = cqe.result();
+        let more = cqueue::more(cqe.flags());
+        if !more && data >> 56 != CANCEL {
+            self.in_flight -= 1;
+        }
+        match data >> 56 {
+            ACCEPT => {
+                if res >= 0 {
+                    // SAFETY: a successful accept returns a new descriptor
+                    // that nothing else owns.
+                    let socket = unsafe { Socket::from_raw_fd(res) };
+                    f(Event::Accepted {
+                        listener: id,
+                        socket,
+                    });
+                }
+                if !more {
+                    let error = (res < 0 && res != -libc::ECANCELED)
+                        .then(|| io::Error::from_raw_os_error(-res));
+                    f(Event::AcceptEnded {
+                        listener: id,
+                        error,
+                    });
+                }
+            }
+            RECV => {
+                let bid = cqueue::buffer_select(cqe.flags());
+                if res > 0 {
+                    let bid = bid.expect("a receive with data names its buffer");
+                    // SAFETY: the completion hands us buffer `bid` holding
+                    // `res` bytes; it is recycled only after `f` returns.
+                    let data = unsafe { self.bufs.filled(bid, res as usize) };
+                    f(Event::Received { slot: id, data });
+                    self.bufs.recycle(bid);
+                } else if let Some(bid) = bid {
+                    self.bufs.recycle(bid);
+                }
+                if !more {
+                    let why = match res {
+                        0 => RecvEnd::Eof,
+                        r if r > 0 => RecvEnd::Rearm,
+                        r if r == -libc::ENOBUFS => RecvEnd::Rearm,
+                        r if r == -libc::ECANCELED => RecvEnd::Cancelled,
+                        r => RecvEnd::Error(io::Error::from_raw_os_error(-r)),
+                    };
+                    f(Event::RecvEnded { slot: id, why });
+                }
+            }
+            SEND => {
+                let result = if res >= 0 {
+                    Ok(res as usize)
+                } else {
+                    Err(io::Error::from_raw_os_error(-res))
+                };
+                f(Event::Sent { slot: id, result });
+            }
+            CONNECT => {
+                self.connecting.remove(&id);
+                let result = if res >= 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(-res))
+                };
+                f(Event::Connected { slot: id, result });
+            }
+            WAKE => {
+                if res != -libc::ECANCELED {
+                    self.arm_waker();
+                }
+                f(Event::Woken);
+            }
+            _ => {} // CANCEL: each cancelled operation reports itself.
+        }
+    }
+
+    /// Operations whose final completion has not arrived yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        // The eventfd read is always pending and owned by the driver itself.
+        self.in_flight.saturating_sub(1)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `bufs` is not used after this.
+        let bufs = unsafe { ManuallyDrop::take(&mut self.bufs) };
+        if self.in_flight() > 0 {
+            // A receive may still be writing into a buffer: leaking the pool
+            // is the only safe choice (this happens only when a loop dies
+            // abnormally, never on an orderly shutdown).
+            bufs.leak();
+        } else {
+            // Only the eventfd read remains, which writes into `wake_buf`
+            // (freed after the ring: fields drop after this body, ring first).
+            drop(bufs);
+        }
+    }
+}
+
+/// Whether io_uring with every opcode wharf needs can be used here.
+pub(crate) fn probe() -> io::Result<()> {
+    let ring = IoUring::new(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::Connect::CODE, "connect"),
+        (opcode::AsyncCancel2::CODE, "async_cancel"),
+        (opcode::Read::CODE, "read"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks the {name} opcode"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
+    let socket =
+        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Each loop binds its own listener to the same address; the kernel
+    // spreads new connections across them.
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket)
+}
+
+pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {
+    socket2::Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )
+}
+
+pub(crate) fn shutdown_write(socket: &Socket) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
+    if nodelay {
+        let _ = socket.set_tcp_nodelay(true);
+    }
+}
+
+pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    socket
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "peer is not an IP address"))
+}

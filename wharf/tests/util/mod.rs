@@ -1,0 +1,117 @@
+//! Helpers shared by the integration tests: servers on loopback, blocking
+//! clients that speak the length-prefixed framing, and resource counters.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wharf::{Backend, Builder, CloseReason, Conn, ConnId, Handler, Server};
+
+/// The backends this platform has. Every test runs against each of them
+/// through [`each_backend`].
+pub fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Uring];
+    if let Ok(only) = std::env::var("WHARF_BACKEND") {
+        v.retain(|b| format!("{b:?}").eq_ignore_ascii_case(&only));
+    }
+    v
+}
+
+/// Runs `test` once per backend, with a builder preset for it.
+pub fn each_backend(test: impl Fn(Builder)) {
+    for backend in backends() {
+        eprintln!("-- backend {backend:?}");
+        test(Server::builder().backend(backend));
+    }
+}
+
+/// Echoes every message back; counts opens and closes.
+#[derive(Default, Clone)]
+pub struct Echo {
+    pub opened: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
+    pub reasons: Arc<Mutex<Vec<CloseReason>>>,
+    pub ids: Arc<Mutex<Vec<ConnId>>>,
+}
+
+impl Handler for Echo {
+    type State = ();
+    fn on_open(&self, conn: &mut Conn<'_, ()>) -> wharf::Accept {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        self.ids.lock().unwrap().push(conn.id());
+        wharf::Accept::Yes
+    }
+    fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
+        conn.send(msg).expect("echo send");
+    }
+    fn on_close(&self, _conn: &mut Conn<'_, ()>, reason: CloseReason) {
+        self.reasons.lock().unwrap().push(reason);
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+pub fn write_frame(s: &mut TcpStream, body: &[u8]) {
+    s.write_all(&frame(body)).expect("write frame");
+}
+
+pub fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h)?;
+    let mut body = vec![0u8; u32::from_be_bytes(h) as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// A recognisable payload: byte i of message `seed` is (seed * 31 + i) mod 251.
+pub fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((seed * 31 + i) % 251) as u8).collect()
+}
+
+/// Waits until `cond` holds, or panics after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident set size of this process in KiB.
+pub fn rss_kib() -> usize {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Threads of this process.
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
