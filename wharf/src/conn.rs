@@ -96,6 +96,7 @@ pub struct Conn<'a, S> {
     pub(crate) state: &'a mut S,
     pub(crate) ctl: &'a mut ConnCtl,
     pub(crate) touched: &'a mut Vec<u32>,
+    pub(crate) messages_out: &'a mut u64,
     pub(crate) handle: &'a Handle,
 }
 
@@ -125,6 +126,7 @@ impl<S> Conn<'_, S> {
     /// Messages queued during one loop turn go out in one gathered write.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
         self.ctl.send_copy(msg, self.high_water)?;
+        *self.messages_out += 1;
         self.touch();
         Ok(())
     }
@@ -132,6 +134,7 @@ impl<S> Conn<'_, S> {
     /// Sends one message without copying its body.
     pub fn send_bytes(&mut self, msg: Bytes) -> Result<(), SendError> {
         self.ctl.send_shared(msg, self.high_water)?;
+        *self.messages_out += 1;
         self.touch();
         Ok(())
     }

@@ -92,6 +92,7 @@ struct Counters {
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    recv_buffer_waits: u64,
 }
 
 pub(crate) struct EventLoop<H: Handler> {
@@ -306,6 +307,7 @@ impl<H: Handler> Core<H> {
             state: &mut slot.state,
             ctl: &mut slot.ctl,
             touched: &mut self.touched,
+            messages_out: &mut self.counters.messages_out,
             handle: &self.handle,
         };
         f(&mut conn)
@@ -321,6 +323,7 @@ impl<H: Handler> Core<H> {
         let handler = &*self.handler;
         let messages = &mut self.counters.messages_in;
         let mut conn = Conn {
+            messages_out: &mut self.counters.messages_out,
             id,
             slot: key,
             peer: slot.peer,
@@ -368,6 +371,7 @@ impl<H: Handler> Core<H> {
                     self.close(key, CloseReason::Io(e.kind()), false);
                 }
             }
+            RecvEnd::NoBuffers => self.counters.recv_buffer_waits += 1,
             RecvEnd::Cancelled | RecvEnd::Rearm => {}
         }
         self.touch(key);
@@ -729,6 +733,8 @@ impl<H: Handler> Core<H> {
         s.messages_out.store(c.messages_out, Ordering::Relaxed);
         s.bytes_in.store(c.bytes_in, Ordering::Relaxed);
         s.bytes_out.store(c.bytes_out, Ordering::Relaxed);
+        s.recv_buffer_waits
+            .store(c.recv_buffer_waits, Ordering::Relaxed);
     }
 
     fn finished(&self, driver: &Driver) -> bool {

@@ -405,6 +405,7 @@ impl Handle {
             s.messages_out += t.messages_out.load(Ordering::Relaxed);
             s.bytes_in += t.bytes_in.load(Ordering::Relaxed);
             s.bytes_out += t.bytes_out.load(Ordering::Relaxed);
+            s.recv_buffer_waits += t.recv_buffer_waits.load(Ordering::Relaxed);
         }
         s
     }
@@ -445,6 +446,9 @@ pub struct Stats {
     pub bytes_in: u64,
     /// Bytes written to sockets.
     pub bytes_out: u64,
+    /// Times a receive paused because every pooled receive buffer was in
+    /// use (often: raise `Builder::recv_buffers`).
+    pub recv_buffer_waits: u64,
 }
 
 /// What every thread may see of one loop.
@@ -465,6 +469,7 @@ pub(crate) struct LoopStats {
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    pub(crate) recv_buffer_waits: AtomicU64,
 }
 
 pub(crate) struct Shared {

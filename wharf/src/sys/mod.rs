@@ -97,9 +97,12 @@ pub(crate) enum RecvEnd {
     Eof,
     /// The receive was cancelled on request.
     Cancelled,
-    /// The backend stopped for its own reasons (no free buffer, a full
-    /// completion queue): call `recv` again to go on.
+    /// The backend stopped for its own reasons (a full completion queue):
+    /// call `recv` again to go on.
     Rearm,
+    /// Every pooled receive buffer was in use: call `recv` again (buffers
+    /// are returned as soon as their events have been handled).
+    NoBuffers,
     /// The connection failed.
     Error(io::Error),
 }

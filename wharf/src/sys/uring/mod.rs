@@ -337,7 +337,7 @@ impl Driver {
                     let why = match res {
                         0 => RecvEnd::Eof,
                         r if r > 0 => RecvEnd::Rearm,
-                        r if r == -libc::ENOBUFS => RecvEnd::Rearm,
+                        r if r == -libc::ENOBUFS => RecvEnd::NoBuffers,
                         r if r == -libc::ECANCELED => RecvEnd::Cancelled,
                         r => RecvEnd::Error(io::Error::from_raw_os_error(-r)),
                     };

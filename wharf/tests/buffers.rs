@@ -1,0 +1,55 @@
+//! Receive-buffer exhaustion: a pool far smaller than the load.
+
+mod util;
+
+use std::time::Duration;
+
+use util::*;
+
+#[test]
+fn two_receive_buffers_serve_a_hundred_concurrent_senders() {
+    each_backend(|b| {
+        let server = b
+            .threads(1)
+            .recv_buffers(2, 4096)
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .start(Echo::default())
+            .unwrap();
+        let addr = server.local_addr();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(100));
+        let clients: Vec<_> = (0..100)
+            .map(|c| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    let mut s = connect(addr);
+                    barrier.wait();
+                    // Frames larger than a buffer, all in flight at once.
+                    let bodies: Vec<Vec<u8>> =
+                        (0..10).map(|i| pattern(c * 100 + i, 10_000 + i)).collect();
+                    let mut wire = Vec::new();
+                    for body in &bodies {
+                        wire.extend(frame(body));
+                    }
+                    std::io::Write::write_all(&mut s, &wire).unwrap();
+                    for body in &bodies {
+                        assert!(
+                            &read_frame(&mut s).unwrap() == body,
+                            "client {c} got a corrupt echo"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        let waits = server.handle().stats().recv_buffer_waits;
+        eprintln!("receives paused for a buffer: {waits}");
+        assert!(
+            waits > 0,
+            "the pool of 2 was never exhausted: the test proves nothing"
+        );
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    });
+}
