@@ -434,6 +434,7 @@ impl FrameReader {
         }
     }
 
+    #[cfg(test)]
     /// Bytes held for an incomplete frame.
     pub(crate) fn pending_len(&self) -> usize {
         self.pending.len()

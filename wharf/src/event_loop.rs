@@ -120,6 +120,9 @@ struct Core<H: Handler> {
     /// Slots in the closing phase (for their deadlines).
     closing: Vec<u32>,
     commands: Vec<Command>,
+    /// Boxed on purpose: a batch in flight must not move (the kernel reads
+    /// its message header), and boxes move between slots and this pool.
+    #[allow(clippy::vec_box)]
     spare_batches: Vec<Box<SendBatch>>,
     shutdown: Option<Instant>,
     counters: Counters,
@@ -384,7 +387,7 @@ impl<H: Handler> Core<H> {
         match result {
             Ok(n) => {
                 self.counters.bytes_out += n as u64;
-                slot.ctl.unsent -= n;
+                slot.ctl.unsent = slot.ctl.unsent.saturating_sub(n);
                 batch.advance(n);
                 if batch.is_empty() {
                     self.spare_batches.push(batch);

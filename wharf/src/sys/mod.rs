@@ -181,8 +181,10 @@ mod tests {
 
     #[test]
     fn advance_drops_written_buffers_and_keeps_offset() {
-        let mut b = SendBatch::default();
-        b.bufs = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+        let mut b = SendBatch {
+            bufs: vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")],
+            ..SendBatch::default()
+        };
         b.advance(2);
         assert_eq!((b.bufs.len(), b.offset), (2, 2));
         b.advance(1);
