@@ -26,6 +26,26 @@ pub enum Backend {
     Auto,
     /// io_uring (Linux).
     Uring,
+    /// Readiness polling through mio (epoll, kqueue): everywhere, and where
+    /// io_uring is blocked (container seccomp profiles) or too old.
+    Poll,
+}
+
+impl Backend {
+    /// Reads `WHARF_BACKEND` (`uring`, `poll` or `auto`), which overrides
+    /// the builder's choice.
+    fn from_env() -> Option<Backend> {
+        let v = std::env::var("WHARF_BACKEND").ok()?;
+        match v.to_ascii_lowercase().as_str() {
+            "uring" | "io_uring" => Some(Backend::Uring),
+            "poll" | "mio" => Some(Backend::Poll),
+            "auto" | "" => Some(Backend::Auto),
+            other => {
+                tracing::warn!(value = other, "ignoring unknown WHARF_BACKEND");
+                None
+            }
+        }
+    }
 }
 
 /// Configures and starts a server (or a client: start without `bind` and
@@ -139,7 +159,8 @@ impl Builder {
         self
     }
 
-    /// The completion engine (default: [`Backend::Auto`]).
+    /// The completion engine (default: [`Backend::Auto`]). The environment
+    /// variable `WHARF_BACKEND=uring|poll|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self
@@ -147,9 +168,7 @@ impl Builder {
 
     /// Starts the loops and returns the running server.
     pub fn start<H: Handler>(self, handler: H) -> io::Result<Server> {
-        match self.backend {
-            Backend::Auto | Backend::Uring => sys::probe()?,
-        }
+        let backend = sys::choose(Backend::from_env().unwrap_or(self.backend))?;
         let threads = self.threads;
         // One listener per loop and address, sharing the port.
         let mut per_loop: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
@@ -180,6 +199,7 @@ impl Builder {
             recv_buffers: self.recv_buffers,
             recv_buffer_size: self.recv_buffer_size,
             queue_depth: self.queue_depth,
+            backend,
         };
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut joins = Vec::new();
@@ -216,6 +236,7 @@ impl Builder {
             handle,
             joins,
             local_addrs,
+            backend,
         };
         for _ in 0..threads {
             match ready_rx.recv() {
@@ -243,6 +264,7 @@ pub struct Server {
     handle: Handle,
     joins: Vec<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
+    backend: Backend,
 }
 
 impl Server {
@@ -262,6 +284,11 @@ impl Server {
     /// If the server listens on nothing.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addrs[0]
+    }
+
+    /// The backend the loops run on (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Every address listened on.

@@ -46,10 +46,14 @@ fn two_receive_buffers_serve_a_hundred_concurrent_senders() {
         }
         let waits = server.handle().stats().recv_buffer_waits;
         eprintln!("receives paused for a buffer: {waits}");
-        assert!(
-            waits > 0,
-            "the pool of 2 was never exhausted: the test proves nothing"
-        );
+        if server.backend() == wharf::Backend::Poll {
+            eprintln!("SKIPPED the exhaustion check on poll: it reads into one buffer per loop, there is no pool to run dry");
+        } else {
+            assert!(
+                waits > 0,
+                "the pool of 2 was never exhausted: the test proves nothing"
+            );
+        }
         server.shutdown(Duration::from_secs(2)).unwrap();
     });
 }

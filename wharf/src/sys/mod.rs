@@ -2,9 +2,11 @@
 //!
 //! # The backend contract
 //!
-//! Each backend is one module chosen by `cfg` and re-exported here under the
-//! same names, so the event loop above is written once and knows no backend.
-//! There is no trait object: the loop calls these items directly.
+//! Each backend is one module (`uring`, `poll`, later `iocp`) with the same
+//! item names and signatures. Where a platform has more than one, the choice
+//! is made at start (`choose`) and `Driver` and `Waker` below are enums whose
+//! methods `match` once and call the backend's own: no trait object, and the
+//! event loop above is written once and knows no backend.
 //!
 //! Required types:
 //!
@@ -39,6 +41,8 @@
 //! * `Socket`, `Listener`: owned OS sockets; dropping them closes them. A
 //!   socket is dropped only after every operation on it has ended.
 //! * `probe() -> io::Result<()>`: whether the backend can run here.
+//! * `SendScratch`: per-send memory the backend needs kept in place while
+//!   a send is in flight (io_uring: the iovecs and message header).
 //!
 //! The rule that keeps memory safe: a connection's slot (and its socket and
 //! send batch) is released only after its receive, send and connect have all
@@ -47,12 +51,21 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::Backend;
+
+mod poll;
+mod unix;
+#[cfg(target_os = "linux")]
+mod uring;
+
+pub(crate) use unix::{Listener, Socket};
 
 #[cfg(target_os = "linux")]
-#[path = "uring/mod.rs"]
-mod imp;
-
-pub(crate) use imp::{Driver, Listener, Socket, Waker};
+type SendScratch = uring::SendScratch;
+#[cfg(not(target_os = "linux"))]
+type SendScratch = ();
 
 /// Sizes a driver is created with.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +76,8 @@ pub(crate) struct DriverConfig {
     pub(crate) recv_buffer_size: u32,
     /// Completion-queue entries to size the ring for.
     pub(crate) queue_depth: u32,
+    /// The backend to run (never `Auto`: chosen before).
+    pub(crate) backend: Backend,
 }
 
 /// What a driver reports to its loop.
@@ -117,7 +132,7 @@ pub(crate) struct SendBatch {
     pub(crate) offset: usize,
     /// Backend scratch space (iovecs, message header) that must live as long
     /// as the send.
-    pub(crate) os: imp::SendScratch,
+    pub(crate) os: SendScratch,
 }
 
 impl SendBatch {
@@ -143,35 +158,173 @@ impl SendBatch {
     }
 }
 
-/// Whether this platform's default backend works here.
-pub(crate) fn probe() -> io::Result<()> {
-    imp::probe()
+/// A loop's driver: one backend, chosen when the server starts.
+///
+/// The `match` in each method is the whole cost of the choice: no trait
+/// object, and each arm is the backend's own inlined code.
+pub(crate) enum Driver {
+    #[cfg(target_os = "linux")]
+    Uring(uring::Driver),
+    Poll(poll::Driver),
+}
+
+/// Wakes a loop's driver from another thread.
+#[derive(Clone, Debug)]
+pub(crate) enum Waker {
+    #[cfg(target_os = "linux")]
+    Uring(uring::Waker),
+    Poll(poll::Waker),
+}
+
+impl Waker {
+    pub(crate) fn wake(&self) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Waker::Uring(w) => w.wake(),
+            Waker::Poll(w) => w.wake(),
+        }
+    }
+}
+
+impl Driver {
+    pub(crate) fn new(config: &DriverConfig) -> io::Result<Driver> {
+        match config.backend {
+            #[cfg(target_os = "linux")]
+            Backend::Uring => uring::Driver::new(config).map(Driver::Uring),
+            Backend::Poll => poll::Driver::new(config).map(Driver::Poll),
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("backend {other:?} is not available on this platform"),
+            )),
+        }
+    }
+
+    pub(crate) fn waker(&self) -> Waker {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => Waker::Uring(d.waker()),
+            Driver::Poll(d) => Waker::Poll(d.waker()),
+        }
+    }
+
+    pub(crate) fn listen(&mut self, listener: u32, socket: &Listener) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.listen(listener, socket),
+            Driver::Poll(d) => d.listen(listener, socket),
+        }
+    }
+
+    pub(crate) fn unlisten(&mut self, listener: u32, socket: &Listener) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.unlisten(listener, socket),
+            Driver::Poll(d) => d.unlisten(listener, socket),
+        }
+    }
+
+    pub(crate) fn recv(&mut self, slot: u32, socket: &Socket) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.recv(slot, socket),
+            Driver::Poll(d) => d.recv(slot, socket),
+        }
+    }
+
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.send(slot, socket, batch),
+            Driver::Poll(d) => d.send(slot, socket, batch),
+        }
+    }
+
+    pub(crate) fn connect(&mut self, slot: u32, socket: &Socket, addr: SocketAddr) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.connect(slot, socket, addr),
+            Driver::Poll(d) => d.connect(slot, socket, addr),
+        }
+    }
+
+    pub(crate) fn cancel(&mut self, slot: u32, socket: &Socket) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.cancel(slot, socket),
+            Driver::Poll(d) => d.cancel(slot, socket),
+        }
+    }
+
+    pub(crate) fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        f: impl FnMut(Event<'_>),
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.poll(timeout, f),
+            Driver::Poll(d) => d.poll(timeout, f),
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.in_flight(),
+            Driver::Poll(d) => d.in_flight(),
+        }
+    }
+}
+
+/// Whether `backend` can run here; for `Auto`, the best one that can.
+pub(crate) fn choose(backend: Backend) -> io::Result<Backend> {
+    match backend {
+        #[cfg(target_os = "linux")]
+        Backend::Uring => uring::probe().map(|()| Backend::Uring),
+        Backend::Poll => poll::probe().map(|()| Backend::Poll),
+        #[cfg(target_os = "linux")]
+        Backend::Auto => match uring::probe() {
+            Ok(()) => Ok(Backend::Uring),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring is not available; using the poll backend");
+                Ok(Backend::Poll)
+            }
+        },
+        #[cfg(not(target_os = "linux"))]
+        Backend::Auto => Ok(Backend::Poll),
+        #[allow(unreachable_patterns)]
+        other => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("backend {other:?} is not available on this platform"),
+        )),
+    }
 }
 
 /// Creates a non-blocking listener bound to `addr`, which other listeners
 /// of the same process may share (one per loop).
 pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
-    imp::bind(addr, backlog)
+    unix::bind(addr, backlog)
 }
 
 /// Creates an unconnected stream socket for `addr`'s family.
 pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {
-    imp::stream_socket(addr)
+    unix::stream_socket(addr)
 }
 
 /// Half-closes the write side (sends FIN after queued data).
 pub(crate) fn shutdown_write(socket: &Socket) {
-    imp::shutdown_write(socket)
+    unix::shutdown_write(socket)
 }
 
-/// Prepares an accepted or connected socket: no Nagle delay if `nodelay`.
+/// Prepares an accepted or connected socket: no Nagle delay if `nodelay`,
+/// no SIGPIPE where the platform needs a socket option for that.
 pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
-    imp::prepare(socket, nodelay)
+    unix::prepare(socket, nodelay)
 }
 
 /// The peer's address of a connected socket.
 pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
-    imp::peer_addr(socket)
+    unix::peer_addr(socket)
 }
 
 #[cfg(test)]

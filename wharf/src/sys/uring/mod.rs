@@ -17,15 +17,11 @@ use std::time::Duration;
 
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
-use socket2::{Domain, Protocol, SockAddr, Type};
+use socket2::SockAddr;
 
 use self::bufring::BufRing;
+use super::unix::{Listener, Socket};
 use super::{DriverConfig, Event, RecvEnd, SendBatch};
-
-/// An owned socket; dropping it closes it.
-pub(crate) type Socket = socket2::Socket;
-/// An owned listening socket.
-pub(crate) type Listener = socket2::Socket;
 
 // The high byte of a submission's user data says what it was; the low 32 bits
 // name the slot or listener it belongs to.
@@ -174,7 +170,7 @@ impl Driver {
         os.msg.msg_iov = os.iov.as_mut_ptr();
         os.msg.msg_iovlen = os.iov.len() as _;
         let entry = opcode::SendMsg::new(Fd(socket.as_raw_fd()), &os.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
+            .flags(super::unix::SEND_FLAGS as u32)
             .build()
             .user_data(tag(SEND, slot));
         // SAFETY: the contract of `send`: the batch (its buffers, iovecs and
@@ -416,45 +412,4 @@ pub(crate) fn probe() -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
-    let socket =
-        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    // Each loop binds its own listener to the same address; the kernel
-    // spreads new connections across them.
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    Ok(socket)
-}
-
-pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {
-    socket2::Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )
-}
-
-pub(crate) fn shutdown_write(socket: &Socket) {
-    let _ = socket.shutdown(std::net::Shutdown::Write);
-}
-
-pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
-    if nodelay {
-        let _ = socket.set_tcp_nodelay(true);
-    }
-}
-
-pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
-    socket
-        .peer_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "peer is not an IP address"))
 }

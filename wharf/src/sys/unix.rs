@@ -1,0 +1,64 @@
+//! Socket set-up shared by the Unix backends (io_uring and poll).
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Type};
+
+/// An owned socket; dropping it closes it.
+pub(crate) type Socket = socket2::Socket;
+/// An owned listening socket.
+pub(crate) type Listener = socket2::Socket;
+
+pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Each loop binds its own listener to the same address; the kernel
+    // spreads new connections across them.
+    #[cfg(not(target_os = "solaris"))]
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket)
+}
+
+pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    nosigpipe(&socket);
+    Ok(socket)
+}
+
+pub(crate) fn shutdown_write(socket: &Socket) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
+    if nodelay {
+        let _ = socket.set_tcp_nodelay(true);
+    }
+    nosigpipe(socket);
+}
+
+/// Where MSG_NOSIGNAL does not exist, the socket itself must refuse SIGPIPE.
+fn nosigpipe(socket: &Socket) {
+    #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    let _ = socket.set_nosigpipe(true);
+    let _ = socket;
+}
+
+pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    socket
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "peer is not an IP address"))
+}
+
+/// Flags for every send: never raise SIGPIPE on a reset peer.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+pub(crate) const SEND_FLAGS: i32 = 0;
