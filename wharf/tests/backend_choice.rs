@@ -3,7 +3,6 @@
 
 mod util;
 
-use std::process::Command;
 use std::time::Duration;
 
 use util::*;
@@ -93,7 +92,7 @@ fn child_with_io_uring_blocked() {
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[test]
 fn auto_falls_back_to_poll_when_io_uring_is_blocked() {
-    let out = Command::new(std::env::current_exe().unwrap())
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
             "--exact",

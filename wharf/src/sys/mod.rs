@@ -67,8 +67,9 @@ type SendScratch = uring::SendScratch;
 #[cfg(not(target_os = "linux"))]
 type SendScratch = ();
 
-/// Sizes a driver is created with.
+/// Sizes a driver is created with (some only matter to io_uring).
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) struct DriverConfig {
     /// Number of pooled receive buffers per loop (a power of two).
     pub(crate) recv_buffers: u16,
@@ -105,8 +106,9 @@ pub(crate) enum Event<'a> {
     Woken,
 }
 
-/// Why receiving ended.
+/// Why receiving ended (`Rearm` and `NoBuffers` come from io_uring only).
 #[derive(Debug)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) enum RecvEnd {
     /// The peer closed its side (end of stream).
     Eof,
@@ -125,6 +127,7 @@ pub(crate) enum RecvEnd {
 /// The buffers of one gathered send, owned by the connection while it is in
 /// flight.
 #[derive(Default)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) struct SendBatch {
     /// Buffers to write, in order.
     pub(crate) bufs: Vec<bytes::Bytes>,

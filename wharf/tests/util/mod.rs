@@ -13,7 +13,11 @@ use wharf::{Backend, Builder, CloseReason, Conn, ConnId, Handler, Server};
 /// The backends this platform has. Every test runs against each of them
 /// through [`each_backend`].
 pub fn backends() -> Vec<Backend> {
-    let mut v = vec![Backend::Uring, Backend::Poll];
+    let mut v = if cfg!(target_os = "linux") {
+        vec![Backend::Uring, Backend::Poll]
+    } else {
+        vec![Backend::Poll]
+    };
     if let Ok(only) = std::env::var("WHARF_BACKEND") {
         v.retain(|b| format!("{b:?}").eq_ignore_ascii_case(&only));
     }
