@@ -1,1 +1,49 @@
-fn main() {}
+//! The `wharf` command: servers built on the wharf library, for trying it
+//! out and for scripts. One module per subcommand.
+
+mod chat;
+mod echo;
+mod serve;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Completion-based TCP servers on the wharf library.
+#[derive(Parser)]
+#[command(name = "wharf", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve an echo: every message goes back to its sender.
+    Echo(echo::Args),
+    /// Serve a chat room: every message goes to every connection.
+    Chat(chat::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = match cli.command {
+        Command::Echo(args) => echo::run(args),
+        Command::Chat(args) => chat::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wharf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! What every server subcommand shares: the listening options, and waiting
+//! for Ctrl-C (or SIGTERM) or the end of `--duration`.
+
+use std::error::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use wharf::{Backend, Builder, Server};
+
+/// How long a stopping server may take to flush what it has queued.
+pub(crate) const DRAIN: Duration = Duration::from_secs(5);
+
+/// Options of every server subcommand.
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub(crate) addr: String,
+    /// Event-loop threads [default: one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) threads: Option<u16>,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) duration: Option<u64>,
+    /// Completion engine (the WHARF_BACKEND variable overrides it).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub(crate) backend: BackendArg,
+}
+
+/// `--backend` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum BackendArg {
+    /// io_uring where it works, else poll.
+    Auto,
+    /// io_uring (Linux).
+    Uring,
+    /// Readiness polling (epoll, kqueue).
+    Poll,
+}
+
+impl ServeArgs {
+    /// A builder with `--threads` and `--backend` applied and `--addr` bound.
+    pub(crate) fn bind(&self, builder: Builder) -> Result<Builder, Box<dyn Error>> {
+        let builder = builder.backend(match self.backend {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Uring => Backend::Uring,
+            BackendArg::Poll => Backend::Poll,
+        });
+        let builder = match self.threads {
+            Some(n) => builder.threads(n.into()),
+            None => builder,
+        };
+        builder
+            .bind(self.addr.as_str())
+            .map_err(|e| format!("cannot listen on {}: {e}", self.addr).into())
+    }
+}
+
+/// Tells the main thread when to stop: on the first Ctrl-C or SIGTERM, or
+/// once the deadline has passed. A second Ctrl-C exits at once, for a
+/// shutdown that is taking too long.
+pub(crate) struct Stop {
+    signalled: Receiver<()>,
+    deadline: Option<Instant>,
+}
+
+impl Stop {
+    /// Installs the signal handler (once per process).
+    pub(crate) fn install(duration: Option<u64>) -> Result<Stop, Box<dyn Error>> {
+        let (tx, signalled) = mpsc::channel();
+        let seen = AtomicBool::new(false);
+        ctrlc::set_handler(move || {
+            if seen.swap(true, Ordering::Relaxed) {
+                eprintln!("wharf: second interrupt, exiting without draining");
+                std::process::exit(130);
+            }
+            let _ = tx.send(());
+        })?;
+        Ok(Stop {
+            signalled,
+            deadline: duration.map(|secs| Instant::now() + Duration::from_secs(secs)),
+        })
+    }
+
+    /// Waits up to `tick`; true when it is time to stop.
+    pub(crate) fn wait(&self, tick: Duration) -> bool {
+        let timeout = match self.deadline {
+            Some(d) => tick.min(d.saturating_duration_since(Instant::now())),
+            None => tick,
+        };
+        match self.signalled.recv_timeout(timeout) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                tracing::info!("interrupted, stopping");
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let over = self.deadline.is_some_and(|d| Instant::now() >= d);
+                if over {
+                    tracing::info!("--duration is over, stopping");
+                }
+                over
+            }
+        }
+    }
+}
+
+/// Prints where `server` listens, for people and for scripts.
+pub(crate) fn announce(what: &str, server: &Server) {
+    println!(
+        "{what} server listening on {} ({:?} backend)",
+        server.local_addr(),
+        server.backend()
+    );
+}
+
+/// Drains and stops `server`, saying how long it took.
+pub(crate) fn shutdown(server: Server) -> Result<(), Box<dyn Error>> {
+    let started = Instant::now();
+    server.shutdown(DRAIN)?;
+    tracing::info!("stopped in {:.0?}", started.elapsed());
+    Ok(())
+}
