@@ -25,6 +25,8 @@ enum Command {
     Echo(echo::Args),
     /// Serve a chat room: every message goes to every connection.
     Chat(chat::Args),
+    /// Drive an echo server with load and check every echoed byte.
+    Load(wharf_cli::load::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(args) => echo::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Load(args) => wharf_cli::load::cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

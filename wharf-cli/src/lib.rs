@@ -1,0 +1,5 @@
+//! The library half of the `wharf` command: what other programs (and the
+//! command's own tests) may call directly.
+#![deny(missing_docs, rust_2018_idioms)]
+
+pub mod load;

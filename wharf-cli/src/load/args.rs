@@ -1,0 +1,118 @@
+//! The `wharf load` command line: options, then the table (and JSON).
+
+use std::error::Error;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{run, Config, Framing, Mode, Report};
+
+/// Options of `wharf load`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The echo server to drive, as HOST:PORT.
+    addr: String,
+    /// Connections that send.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    connections: usize,
+    /// Message size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    size: usize,
+    /// Seconds of measuring, after the warm-up.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of load before measuring starts.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    warmup: f64,
+    /// Closed loop: messages in flight per connection [default: 1].
+    #[arg(long, value_name = "K", conflicts_with = "rate")]
+    inflight: Option<usize>,
+    /// Fixed rate: messages per second in total, spread over the
+    /// connections; latency counts from when each message was due.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    rate: Option<f64>,
+    /// Framing: lp (4-byte length prefix) or raw (the echoed stream is
+    /// cut into messages by byte count).
+    #[arg(long, value_enum, default_value_t = FramingArg::Lp)]
+    framing: FramingArg,
+    /// Extra connections that stay silent, to load the server's memory.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    idle: usize,
+    /// Client event-loop threads.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    threads: usize,
+    /// Also write the report as JSON to PATH (`-`: stdout, and the table
+    /// goes to stderr).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum FramingArg {
+    Lp,
+    Raw,
+}
+
+impl Args {
+    /// The run these options ask for.
+    pub fn config(&self) -> Result<Config, Box<dyn Error>> {
+        let addr = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {}: {e}", self.addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.addr))?;
+        let secs = |what: &str, s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|_| format!("bad --{what}: {s}"))
+        };
+        let mut config = Config::new(addr);
+        config.connections = self.connections;
+        config.size = self.size;
+        config.duration = secs("duration", self.duration)?;
+        config.warmup = secs("warmup", self.warmup)?;
+        config.mode = match self.rate {
+            Some(per_sec) => Mode::Rate { per_sec },
+            None => Mode::Closed {
+                inflight: self.inflight.unwrap_or(1),
+            },
+        };
+        config.framing = match self.framing {
+            FramingArg::Lp => Framing::LengthPrefixed,
+            FramingArg::Raw => Framing::Raw,
+        };
+        config.idle = self.idle;
+        config.threads = self.threads;
+        Ok(config)
+    }
+}
+
+/// `wharf load`: runs, prints the table, writes the JSON, and fails (so the
+/// exit status is non-zero) when the report is not ok.
+pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
+    let report = run(&args.config()?)?;
+    match &args.json {
+        Some(path) if path.as_os_str() == "-" => {
+            eprintln!("{report}");
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Some(path) => {
+            println!("{report}");
+            let json = serde_json::to_string_pretty(&report)? + "\n";
+            std::fs::write(path, json)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        None => println!("{report}"),
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(failure(&report).into())
+    }
+}
+
+fn failure(r: &Report) -> String {
+    format!(
+        "load failed: {} errors, {} connections failed, {} dropped",
+        r.errors, r.connections_failed, r.connections_dropped
+    )
+}
