@@ -48,6 +48,16 @@ pub enum CloseReason {
     Io(io::ErrorKind),
     /// The server is shutting down.
     Shutdown,
+    /// Nothing arrived for `Builder::idle_timeout`.
+    IdleTimeout,
+    /// No whole message arrived within `Builder::first_message_timeout`.
+    FirstMessageTimeout,
+    /// The send queue did not move for `Builder::write_stall_timeout`: the
+    /// peer stopped reading.
+    WriteStalled,
+    /// The peer was over its high-water mark when a broadcast came, and the
+    /// server closes such peers (`Builder::close_slow_broadcast_peers`).
+    SlowPeer,
 }
 
 /// Why [`Server::shutdown`](crate::Server::shutdown) could not finish cleanly.

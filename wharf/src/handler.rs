@@ -34,6 +34,13 @@ pub trait Handler: Send + Sync + 'static {
     /// A whole message arrived. `msg` is valid only during the call.
     fn on_message(&self, conn: &mut Conn<'_, Self::State>, msg: &[u8]);
 
+    /// The connection's send queue, which went over its high-water mark
+    /// (sends failed with `Backpressure`, reading paused), has drained below
+    /// the low-water mark: sending works again.
+    fn on_drain(&self, conn: &mut Conn<'_, Self::State>) {
+        let _ = conn;
+    }
+
     /// The connection closed; called once for every connection `on_open`
     /// kept. Sends from here fail with `Closed`.
     fn on_close(&self, conn: &mut Conn<'_, Self::State>, reason: CloseReason) {

@@ -7,7 +7,7 @@
 //! connection that took its place.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The identity of one connection, unique for the life of its server.
 ///
@@ -64,39 +64,58 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// The generation of the open connection in each slot of one loop, or 0,
-/// readable from any thread so that `Handle::send` can refuse a stale id at
-/// once. Only the loop writes it: when a connection opens and when it closes.
+/// The generation of the open connection in each slot of one loop (0: none)
+/// and whether its send queue is over the high-water mark, readable from any
+/// thread so that `Handle::send` can refuse a stale id or a congested peer
+/// at once. Only the loop writes it: when a connection opens, closes, or
+/// crosses its water marks; never per message.
 pub(crate) struct LiveTable {
-    slots: Box<[AtomicU32]>,
+    slots: Box<[AtomicU64]>,
 }
+
+const CONGESTED: u64 = 1 << 32;
 
 impl LiveTable {
     /// A table for `len` slots. It is zero-filled memory that the kernel maps
     /// lazily, so untouched slots cost no resident memory.
     pub(crate) fn new(len: usize) -> LiveTable {
-        let zeros: Box<[u32]> = vec![0u32; len].into_boxed_slice();
-        let raw = Box::into_raw(zeros) as *mut [AtomicU32];
-        // SAFETY: `AtomicU32` has the same size, alignment and bit validity
-        // as `u32` (std documents it), so the zeroed allocation is a valid
-        // `[AtomicU32]` of the same layout and may be freed as one.
+        let zeros: Box<[u64]> = vec![0u64; len].into_boxed_slice();
+        let raw = Box::into_raw(zeros) as *mut [AtomicU64];
+        // SAFETY: `AtomicU64` has the same size, alignment and bit validity
+        // as `u64` on every platform that has it (std documents it), so the
+        // zeroed allocation is a valid `[AtomicU64]` of the same layout and
+        // may be freed as one.
         let slots = unsafe { Box::from_raw(raw) };
         LiveTable { slots }
     }
 
     pub(crate) fn set_open(&self, slot: u32, generation: u32) {
-        self.slots[slot as usize].store(generation, Ordering::Release);
+        self.slots[slot as usize].store(generation as u64, Ordering::Release);
+    }
+
+    pub(crate) fn set_congested(&self, slot: u32, congested: bool) {
+        let s = &self.slots[slot as usize];
+        if congested {
+            s.fetch_or(CONGESTED, Ordering::Release);
+        } else {
+            s.fetch_and(!CONGESTED, Ordering::Release);
+        }
     }
 
     pub(crate) fn set_closed(&self, slot: u32) {
         self.slots[slot as usize].store(0, Ordering::Release);
     }
 
-    /// Whether `id` names the connection open in its slot right now.
-    pub(crate) fn is_open(&self, id: ConnId) -> bool {
-        self.slots
-            .get(id.slot() as usize)
-            .is_some_and(|g| g.load(Ordering::Acquire) == id.generation())
+    /// Whether `id` names the connection open in its slot right now, and
+    /// if so whether it is congested.
+    pub(crate) fn state(&self, id: ConnId) -> Option<bool> {
+        let v = self.slots.get(id.slot() as usize)?.load(Ordering::Acquire);
+        (v as u32 == id.generation() && id.generation() != 0).then_some(v & CONGESTED != 0)
+    }
+
+    #[cfg(test)]
+    fn is_open(&self, id: ConnId) -> bool {
+        self.state(id).is_some()
     }
 }
 
@@ -129,6 +148,10 @@ mod tests {
         t.set_open(2, 7);
         assert!(t.is_open(ConnId::new(0, 2, 7)));
         assert!(!t.is_open(ConnId::new(0, 2, 6)));
+        t.set_congested(2, true);
+        assert_eq!(t.state(ConnId::new(0, 2, 7)), Some(true));
+        t.set_congested(2, false);
+        assert_eq!(t.state(ConnId::new(0, 2, 7)), Some(false));
         t.set_closed(2);
         assert!(!t.is_open(ConnId::new(0, 2, 7)));
         assert!(!t.is_open(ConnId::new(0, 9, 7)), "out of range is closed");

@@ -33,10 +33,12 @@ mod error;
 mod event_loop;
 mod handler;
 mod id;
+mod limits;
 mod mailbox;
 mod sendq;
 mod server;
 mod sys;
+mod timer;
 
 pub use bytes::Bytes;
 pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed};

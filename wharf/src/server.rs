@@ -1,7 +1,7 @@
 //! Starting, reaching and stopping a server: `Builder`, `Server`, `Handle`.
 
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -14,6 +14,7 @@ use crate::error::{SendError, ShutdownError};
 use crate::event_loop::{EventLoop, LoopConfig};
 use crate::handler::Handler;
 use crate::id::{ConnId, LiveTable, MAX_LOOPS, MAX_SLOTS};
+use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
 use crate::sys::{self, DriverConfig, Listener};
 
@@ -56,13 +57,11 @@ pub struct Builder {
     framing: Framing,
     listeners: Vec<(SocketAddr, Listener)>,
     backlog: i32,
-    max_connections: usize,
     recv_buffers: u16,
     recv_buffer_size: u32,
     queue_depth: u32,
     nodelay: bool,
-    high_water: usize,
-    close_linger: Duration,
+    limits: Limits,
     backend: Backend,
 }
 
@@ -73,13 +72,21 @@ impl Default for Builder {
             framing: Framing::default(),
             listeners: Vec::new(),
             backlog: 1024,
-            max_connections: 100_000,
             recv_buffers: 512,
             recv_buffer_size: 16 * 1024,
             queue_depth: 4096,
             nodelay: true,
-            high_water: 4 << 20,
-            close_linger: Duration::from_secs(2),
+            limits: Limits {
+                high_water: 64 * 1024,
+                low_water: 32 * 1024,
+                write_stall_timeout: Some(Duration::from_secs(30)),
+                idle_timeout: None,
+                first_message_timeout: None,
+                close_linger: Duration::from_secs(2),
+                close_slow_broadcast_peers: false,
+                max_connections: 100_000,
+                max_connections_per_ip: None,
+            },
             backend: Backend::Auto,
         }
     }
@@ -121,10 +128,50 @@ impl Builder {
         }))
     }
 
-    /// Most connections open at once (default 100,000); more are closed at
-    /// once when accepted.
+    /// Most connections open at once, inbound and outbound, across all
+    /// loops (default 100,000). One more is closed as soon as it is
+    /// accepted (and counted in [`Stats::refused`]); the open ones never
+    /// notice.
     pub fn max_connections(mut self, n: usize) -> Self {
-        self.max_connections = n.clamp(1, MAX_SLOTS);
+        self.limits.max_connections = n.clamp(1, MAX_SLOTS);
+        self
+    }
+
+    /// Most inbound connections open at once from one IP address (default:
+    /// no limit).
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.limits.max_connections_per_ip = Some(n.max(1));
+        self
+    }
+
+    /// Closes a connection on which nothing arrived for `d`
+    /// ([`CloseReason::IdleTimeout`](crate::CloseReason::IdleTimeout)).
+    /// Default: none.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.limits.idle_timeout = Some(d);
+        self
+    }
+
+    /// Closes a connection whose first whole message has not arrived `d`
+    /// after it opened: a client that connects and stays silent, or trickles
+    /// a byte at a time (slowloris). Default: none.
+    pub fn first_message_timeout(mut self, d: Duration) -> Self {
+        self.limits.first_message_timeout = Some(d);
+        self
+    }
+
+    /// Closes a connection whose queued data has not moved for `d`: the
+    /// peer stopped reading (default 30 s; `None` never).
+    pub fn write_stall_timeout(mut self, d: Option<Duration>) -> Self {
+        self.limits.write_stall_timeout = d;
+        self
+    }
+
+    /// Whether `broadcast` closes a peer that is over its high-water mark
+    /// ([`CloseReason::SlowPeer`](crate::CloseReason::SlowPeer)) instead of
+    /// skipping it (the default; counted in [`Stats::broadcast_skipped`]).
+    pub fn close_slow_broadcast_peers(mut self, close: bool) -> Self {
+        self.limits.close_slow_broadcast_peers = close;
         self
     }
 
@@ -143,19 +190,25 @@ impl Builder {
         self
     }
 
-    /// Bytes a connection may have queued before sends fail with
-    /// [`SendError::Backpressure`] (default 4 MiB). A message is refused
-    /// only when the queue is already above the mark, so one message of any
-    /// size up to the maximum frame always fits.
-    pub fn send_high_water(mut self, bytes: usize) -> Self {
-        self.high_water = bytes;
+    /// Send-queue water marks per connection (default 64 KiB high, 32 KiB
+    /// low, as Netty's). Over the high mark, sends fail with
+    /// [`SendError::Backpressure`] and the connection's reading pauses (so a
+    /// handler that answers every message cannot grow memory); below the low
+    /// mark both resume and `Handler::on_drain` runs. A message is refused
+    /// only when the queue is already over the mark, so one message of any
+    /// size up to the maximum frame always fits: a connection holds at most
+    /// `high + max_frame` bytes. With 10,000 stalled peers the defaults bound
+    /// queued memory near 640 MiB plus one frame each.
+    pub fn send_water_marks(mut self, high: usize, low: usize) -> Self {
+        self.limits.high_water = high;
+        self.limits.low_water = low.min(high);
         self
     }
 
     /// How long a closing connection waits for its peer to finish after
     /// queued data has been sent (default 2 s).
     pub fn close_linger(mut self, d: Duration) -> Self {
-        self.close_linger = d;
+        self.limits.close_linger = d;
         self
     }
 
@@ -180,7 +233,7 @@ impl Builder {
                 listeners.push(sys::bind(addr, self.backlog)?);
             }
         }
-        let slots = self.max_connections;
+        let slots = self.limits.max_connections;
         let shared = Arc::new(Shared {
             loops: (0..threads)
                 .map(|_| LoopShared {
@@ -192,6 +245,8 @@ impl Builder {
             framing: self.framing.clone(),
             next_loop: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            conns: ConnCounter::default(),
+            limits: self.limits,
         });
         let handle = Handle { shared };
         let handler = Arc::new(handler);
@@ -208,10 +263,8 @@ impl Builder {
                 index,
                 driver,
                 framing: self.framing.clone(),
-                max_slots: slots,
                 nodelay: self.nodelay,
-                high_water: self.high_water,
-                close_linger: self.close_linger,
+                limits: self.limits,
             };
             let handler = handler.clone();
             let handle = handle.clone();
@@ -348,10 +401,15 @@ impl Handle {
     /// Sends one message to connection `id`.
     ///
     /// Fails at once with [`SendError::Closed`] if `id` is not open: a stale
-    /// id never reaches a newer connection in the same slot. A connection
-    /// that closes after this returns `Ok` drops the message.
+    /// id never reaches a newer connection in the same slot; and with
+    /// [`SendError::Backpressure`] while the connection is over its
+    /// high-water mark. A connection that closes (or crosses its mark) after
+    /// this returns `Ok` drops the message.
     pub fn send(&self, id: ConnId, msg: Bytes) -> Result<(), SendError> {
         let l = self.open_loop(id)?;
+        if l.live.state(id) == Some(true) {
+            return Err(SendError::Backpressure);
+        }
         let max = self.shared.framing.max_frame();
         if msg.len() > max {
             return Err(SendError::TooLarge {
@@ -433,6 +491,9 @@ impl Handle {
             s.bytes_in += t.bytes_in.load(Ordering::Relaxed);
             s.bytes_out += t.bytes_out.load(Ordering::Relaxed);
             s.recv_buffer_waits += t.recv_buffer_waits.load(Ordering::Relaxed);
+            s.timed_out += t.timed_out.load(Ordering::Relaxed);
+            s.broadcast_skipped += t.broadcast_skipped.load(Ordering::Relaxed);
+            s.accept_pauses += t.accept_pauses.load(Ordering::Relaxed);
         }
         s
     }
@@ -448,7 +509,7 @@ impl Handle {
     fn open_loop(&self, id: ConnId) -> Result<&LoopShared, SendError> {
         self.check_running()?;
         match self.shared.loops.get(id.loop_index()) {
-            Some(l) if l.live.is_open(id) => Ok(l),
+            Some(l) if l.live.state(id).is_some() => Ok(l),
             _ => Err(SendError::Closed),
         }
     }
@@ -476,6 +537,13 @@ pub struct Stats {
     /// Times a receive paused because every pooled receive buffer was in
     /// use (often: raise `Builder::recv_buffers`).
     pub recv_buffer_waits: u64,
+    /// Connections closed by a timeout (idle, first message, write stall).
+    pub timed_out: u64,
+    /// Broadcast messages not queued to a peer over its high-water mark.
+    pub broadcast_skipped: u64,
+    /// Times accepting paused on an error such as running out of
+    /// descriptors (EMFILE).
+    pub accept_pauses: u64,
 }
 
 /// What every thread may see of one loop.
@@ -497,6 +565,9 @@ pub(crate) struct LoopStats {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) recv_buffer_waits: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) broadcast_skipped: AtomicU64,
+    pub(crate) accept_pauses: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -504,4 +575,18 @@ pub(crate) struct Shared {
     pub(crate) framing: Framing,
     next_loop: AtomicUsize,
     stopped: AtomicBool,
+    conns: ConnCounter,
+    limits: Limits,
+}
+
+impl Shared {
+    /// Counts a new connection if the caps allow (`ip`: inbound peer).
+    pub(crate) fn admit(&self, ip: Option<IpAddr>) -> bool {
+        self.conns.admit(ip, &self.limits)
+    }
+
+    /// Uncounts a connection when its descriptor is closed.
+    pub(crate) fn release(&self, ip: Option<IpAddr>) {
+        self.conns.release(ip, &self.limits)
+    }
 }

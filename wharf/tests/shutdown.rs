@@ -58,7 +58,7 @@ fn shutdown_delivers_queued_data_then_closes_and_joins() {
         let flood = Flood::default();
         let server = b
             .threads(2)
-            .send_high_water(64 << 20)
+            .send_water_marks(64 << 20, 32 << 20)
             .bind("127.0.0.1:0")
             .unwrap()
             .start(flood.clone())

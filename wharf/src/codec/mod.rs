@@ -333,12 +333,15 @@ pub(crate) struct FrameReader {
 impl FrameReader {
     /// Feeds one received chunk and calls `on_frame` for every complete
     /// message, in order. `on_frame` returns `ControlFlow::Break(())` to stop
-    /// (the connection was closed by the handler); the rest of the input is
-    /// then dropped. On error, frames before the bad one have been delivered.
-    pub(crate) fn feed(
+    /// (the handler closed the connection, or its send queue is full); every
+    /// byte not yet delivered is then appended to `rest`, so the caller can
+    /// feed it again later (or drop it), and the reader is left empty. On
+    /// error, frames before the bad one have been delivered.
+    pub(crate) fn feed_until(
         &mut self,
         input: &[u8],
         mut on_frame: impl FnMut(&[u8]) -> ControlFlow<()>,
+        rest: &mut Vec<u8>,
     ) -> Result<(), FrameError> {
         let FrameReader {
             codec,
@@ -364,6 +367,7 @@ impl FrameReader {
                         let msg = &chunk[start..end];
                         chunk = &chunk[consumed..];
                         if on_frame(msg).is_break() {
+                            rest.extend_from_slice(chunk);
                             return Ok(());
                         }
                     }
@@ -427,11 +431,24 @@ impl FrameReader {
                     pending.drain(..consumed);
                 }
                 if flow.is_break() {
+                    rest.extend_from_slice(pending);
+                    rest.extend_from_slice(chunk);
                     pending.clear();
+                    *need = None;
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// `feed_until` that drops what a `Break` leaves.
+    #[cfg(test)]
+    pub(crate) fn feed(
+        &mut self,
+        input: &[u8],
+        on_frame: impl FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<(), FrameError> {
+        self.feed_until(input, on_frame, &mut Vec::new())
     }
 
     #[cfg(test)]

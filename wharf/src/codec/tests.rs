@@ -343,3 +343,48 @@ fn buggy_custom_codecs_are_rejected() {
         assert!(matches!(err, Err(FrameError::Invalid(_))), "{answer:?}");
     }
 }
+
+/// A break (the handler's queue is full) hands back every undelivered
+/// byte; feeding those later yields exactly the frames not yet delivered,
+/// wherever the stream was split.
+#[test]
+fn break_hands_back_the_undelivered_rest() {
+    for framing in [Framing::default(), Framing::custom(|| Lines)] {
+        let bodies: Vec<Vec<u8>> = (0..6).map(|i| vec![b'a' + i as u8; i * 3]).collect();
+        let mut wire = Vec::new();
+        let mut writer = framing.reader();
+        for b in &bodies {
+            let mut dst = bytes::BytesMut::new();
+            writer.encode(b, &mut dst).unwrap();
+            wire.extend_from_slice(&dst);
+        }
+        for split in 0..=wire.len() {
+            let mut reader = framing.reader();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut rest = Vec::new();
+            // Break after every second frame, then resume from the rest.
+            let mut input: Vec<Vec<u8>> = vec![wire[..split].to_vec(), wire[split..].to_vec()];
+            while let Some(chunk) = input.first().cloned() {
+                input.remove(0);
+                reader
+                    .feed_until(
+                        &chunk,
+                        |m| {
+                            got.push(m.to_vec());
+                            if got.len() % 2 == 0 {
+                                ControlFlow::Break(())
+                            } else {
+                                ControlFlow::Continue(())
+                            }
+                        },
+                        &mut rest,
+                    )
+                    .unwrap();
+                if !rest.is_empty() {
+                    input.insert(0, std::mem::take(&mut rest));
+                }
+            }
+            assert_eq!(got, bodies, "split at {split}");
+        }
+    }
+}

@@ -33,6 +33,8 @@
 //!     [`Event::Connected`].
 //!   - `cancel(slot, &Socket)`: ask every operation in flight on the socket to
 //!     end soon; each still reports its own ending event.
+//!   - `cancel_recv(slot, &Socket)`: the same for the receive alone (reading
+//!     pauses while a peer's send queue is over its high-water mark).
 //!   - `poll(timeout, f)`: submit what was queued, wait up to `timeout` for
 //!     at least one event, and call `f` for every event ready.
 //!   - `waker() -> Waker`: a handle to wake `poll` from another thread;
@@ -60,7 +62,7 @@ mod unix;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub(crate) use unix::{Listener, Socket};
+pub(crate) use unix::{Listener, Reserve, Socket};
 
 #[cfg(target_os = "linux")]
 type SendScratch = uring::SendScratch;
@@ -258,6 +260,14 @@ impl Driver {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.cancel(slot, socket),
             Driver::Poll(d) => d.cancel(slot, socket),
+        }
+    }
+
+    pub(crate) fn cancel_recv(&mut self, slot: u32, socket: &Socket) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.cancel_recv(slot, socket),
+            Driver::Poll(d) => d.cancel_recv(slot, socket),
         }
     }
 

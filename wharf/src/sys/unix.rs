@@ -62,3 +62,32 @@ pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
 pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
 pub(crate) const SEND_FLAGS: i32 = 0;
+
+/// A spare descriptor, held so that when the process runs out (EMFILE) a
+/// loop can still accept waiting clients just to close them, instead of
+/// leaving them hanging in the backlog (the trick libuv uses).
+pub(crate) struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    pub(crate) fn new() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the spare, accepts and closes up to 64 waiting clients, and
+    /// takes the spare back. Returns how many clients were turned away.
+    pub(crate) fn shed(&mut self, listener: &Listener) -> usize {
+        self.0 = None;
+        let mut shed = 0;
+        while shed < 64 {
+            match listener.accept() {
+                Ok((client, _)) => {
+                    drop(client);
+                    shed += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.0 = std::fs::File::open("/dev/null").ok();
+        shed
+    }
+}

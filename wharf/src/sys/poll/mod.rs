@@ -196,6 +196,17 @@ impl Driver {
         self.release(slot);
     }
 
+    pub(crate) fn cancel_recv(&mut self, slot: u32, socket: &Socket) {
+        let _ = socket;
+        if let Some(io) = self.slots.get_mut(slot as usize) {
+            if io.recv {
+                io.recv = false;
+                self.done
+                    .push_back(Done::RecvEnded(slot, RecvEnd::Cancelled));
+            }
+        }
+    }
+
     /// Registers the slot's socket for both directions, once.
     fn register(&mut self, slot: u32, socket: &Socket) {
         let i = slot as usize;

@@ -201,6 +201,15 @@ impl Driver {
         self.cancel_fd(socket.as_raw_fd());
     }
 
+    pub(crate) fn cancel_recv(&mut self, slot: u32, socket: &Socket) {
+        let _ = socket;
+        let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(tag(RECV, slot)))
+            .build()
+            .user_data(tag(CANCEL, 0));
+        // SAFETY: a cancel carries no pointers.
+        unsafe { self.push(entry) };
+    }
+
     fn cancel_fd(&mut self, fd: RawFd) {
         let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
             .build()
