@@ -123,8 +123,9 @@ impl<H: Handler> Core<H> {
             return; // closing: the bytes are read only to be discarded
         }
         slot.last_recv_tick = self.now_tick;
-        if slot.paused || !slot.stash.is_empty() {
-            // Back-pressure: the receive's cancel is on its way; keep what
+        if slot.paused || !slot.stash.is_empty() || slot.ctl.unsent > self.limits.high_water {
+            // Back-pressure: the queue is over its mark (reading pauses at
+            // the end of this turn, or the cancel is on its way); keep what
             // still arrives for when the queue drains.
             slot.stash.extend_from_slice(data);
             return;

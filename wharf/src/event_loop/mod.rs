@@ -291,10 +291,12 @@ impl<H: Handler> Core<H> {
                 Command::Send(id, msg) => {
                     if let Some(key) = self.lookup(id) {
                         let slot = &mut self.conns[key as usize];
-                        // Over the high-water mark the message is dropped:
-                        // `Handle::send` refused it unless the mark was
-                        // crossed while it was on its way.
-                        if slot.ctl.send_shared(msg, self.limits.high_water).is_ok() {
+                        // `Handle::send` admitted it (the mark is checked
+                        // there): queue it even if the mark was crossed
+                        // meanwhile, so an accepted message is never lost.
+                        // The overshoot is bounded by what other threads post
+                        // in one loop turn.
+                        if slot.ctl.send_shared(msg, usize::MAX).is_ok() {
                             self.counters.messages_out += 1;
                             self.touch(key);
                         }
