@@ -47,3 +47,40 @@ pub use error::{CloseReason, SendError, ShutdownError};
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
 pub use server::{Backend, Builder, Handle, Server, Stats};
+
+/// Thin public wrappers over crate-private items, for the cargo-fuzz targets
+/// in `fuzz/` (cargo fuzz builds with `--cfg fuzzing`). Not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::codec::{FrameError, FrameReader, Framing};
+    use std::ops::ControlFlow;
+
+    /// A connection's decoding state (`FrameReader`).
+    pub struct Reader(FrameReader);
+
+    impl Reader {
+        /// A fresh reader for `framing`, as a new connection gets.
+        pub fn new(framing: &Framing) -> Self {
+            Reader(framing.reader())
+        }
+
+        /// `FrameReader::feed_until`.
+        pub fn feed_until(
+            &mut self,
+            input: &[u8],
+            on_frame: impl FnMut(&[u8]) -> ControlFlow<()>,
+            rest: &mut Vec<u8>,
+        ) -> Result<(), FrameError> {
+            self.0.feed_until(input, on_frame, rest)
+        }
+
+        /// `FrameReader::encode`, appending the wire form of `msg` to `dst`.
+        pub fn encode(&mut self, msg: &[u8], dst: &mut Vec<u8>) -> Result<(), FrameError> {
+            let mut buf = bytes::BytesMut::new();
+            self.0.encode(msg, &mut buf)?;
+            dst.extend_from_slice(&buf);
+            Ok(())
+        }
+    }
+}

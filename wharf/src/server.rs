@@ -60,7 +60,7 @@ pub struct Builder {
     recv_buffers: u16,
     recv_buffer_size: u32,
     queue_depth: u32,
-    nodelay: bool,
+    socket_options: sys::SocketOptions,
     limits: Limits,
     backend: Backend,
 }
@@ -75,7 +75,10 @@ impl Default for Builder {
             recv_buffers: 512,
             recv_buffer_size: 16 * 1024,
             queue_depth: 4096,
-            nodelay: true,
+            socket_options: sys::SocketOptions {
+                nodelay: true,
+                send_buffer: None,
+            },
             limits: Limits {
                 high_water: 64 * 1024,
                 low_water: 32 * 1024,
@@ -186,7 +189,15 @@ impl Builder {
 
     /// Disable Nagle's algorithm on every connection (default: true).
     pub fn nodelay(mut self, on: bool) -> Self {
-        self.nodelay = on;
+        self.socket_options.nodelay = on;
+        self
+    }
+
+    /// The kernel's send buffer per connection (SO_SNDBUF; default: the
+    /// system's, which on Linux grows to megabytes). Smaller means less
+    /// kernel memory per connection and earlier back-pressure.
+    pub fn socket_send_buffer(mut self, bytes: usize) -> Self {
+        self.socket_options.send_buffer = Some(bytes);
         self
     }
 
@@ -263,7 +274,7 @@ impl Builder {
                 index,
                 driver,
                 framing: self.framing.clone(),
-                nodelay: self.nodelay,
+                socket_options: self.socket_options,
                 limits: self.limits,
             };
             let handler = handler.clone();

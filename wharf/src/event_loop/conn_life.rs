@@ -30,7 +30,7 @@ impl<H: Handler> Core<H> {
             self.counters.refused += 1;
             return;
         }
-        sys::prepare(&socket, self.nodelay);
+        sys::prepare(&socket, &self.socket_options);
         let key = self.insert(socket, peer, Phase::Open, false);
         self.open(key);
     }
@@ -250,7 +250,7 @@ impl<H: Handler> Core<H> {
         let slot = &mut self.conns[key as usize];
         match result {
             Ok(()) if self.shutdown.is_none() => {
-                sys::prepare(&slot.socket, self.nodelay);
+                sys::prepare(&slot.socket, &self.socket_options);
                 slot.phase = Phase::Open;
                 slot.last_recv_tick = self.now_tick;
                 slot.opened_tick = self.now_tick;

@@ -35,7 +35,7 @@ pub(crate) struct LoopConfig {
     pub(crate) index: usize,
     pub(crate) driver: DriverConfig,
     pub(crate) framing: Framing,
-    pub(crate) nodelay: bool,
+    pub(crate) socket_options: sys::SocketOptions,
     pub(crate) limits: Limits,
 }
 
@@ -135,7 +135,7 @@ struct Core<H: Handler> {
     handler: Arc<H>,
     handle: Handle,
     framing: Framing,
-    nodelay: bool,
+    socket_options: sys::SocketOptions,
     limits: Limits,
     conns: Slab<Slot<H::State>>,
     /// The last generation given out per slot, kept across reuse.
@@ -190,7 +190,7 @@ impl<H: Handler> EventLoop<H> {
                 handler,
                 handle,
                 framing: config.framing,
-                nodelay: config.nodelay,
+                socket_options: config.socket_options,
                 limits: config.limits,
                 conns: Slab::new(),
                 generations: Vec::new(),

@@ -332,10 +332,19 @@ pub(crate) fn shutdown_write(socket: &Socket) {
     unix::shutdown_write(socket)
 }
 
-/// Prepares an accepted or connected socket: no Nagle delay if `nodelay`,
-/// no SIGPIPE where the platform needs a socket option for that.
-pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
-    unix::prepare(socket, nodelay)
+/// Options applied to every accepted or connected socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SocketOptions {
+    /// Disable Nagle's algorithm.
+    pub(crate) nodelay: bool,
+    /// The kernel send buffer (SO_SNDBUF), if not the system's default.
+    pub(crate) send_buffer: Option<usize>,
+}
+
+/// Prepares an accepted or connected socket with `options`, and refuses
+/// SIGPIPE where the platform needs a socket option for that.
+pub(crate) fn prepare(socket: &Socket, options: &SocketOptions) {
+    unix::prepare(socket, options)
 }
 
 /// The peer's address of a connected socket.

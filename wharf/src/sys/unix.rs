@@ -36,9 +36,12 @@ pub(crate) fn shutdown_write(socket: &Socket) {
     let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
-pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
-    if nodelay {
+pub(crate) fn prepare(socket: &Socket, options: &super::SocketOptions) {
+    if options.nodelay {
         let _ = socket.set_tcp_nodelay(true);
+    }
+    if let Some(bytes) = options.send_buffer {
+        let _ = socket.set_send_buffer_size(bytes);
     }
     nosigpipe(socket);
 }
