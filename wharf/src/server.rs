@@ -16,7 +16,7 @@ use crate::handler::Handler;
 use crate::id::{ConnId, LiveTable, MAX_LOOPS, MAX_SLOTS};
 use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
-use crate::sys::{self, DriverConfig, Listener};
+use crate::sys::{self, DriverConfig, Listener, Share};
 
 /// Which completion engine the loops run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,8 +55,9 @@ impl Backend {
 pub struct Builder {
     threads: usize,
     framing: Framing,
-    listeners: Vec<(SocketAddr, Listener)>,
+    listeners: Vec<(SocketAddr, Listener, Share)>,
     backlog: i32,
+    reuse_port: bool,
     recv_buffers: u16,
     recv_buffer_size: u32,
     queue_depth: u32,
@@ -72,6 +73,7 @@ impl Default for Builder {
             framing: Framing::default(),
             listeners: Vec::new(),
             backlog: 1024,
+            reuse_port: true,
             recv_buffers: 512,
             recv_buffer_size: 16 * 1024,
             queue_depth: 4096,
@@ -109,18 +111,35 @@ impl Builder {
         self
     }
 
+    /// Gives each loop its own listening socket with `SO_REUSEPORT`, so the
+    /// kernel spreads new connections evenly across loops (default: on).
+    /// Off, one socket is shared by all loops and whichever is awake
+    /// accepts, which can leave a loop idle. Call before `bind` (and after
+    /// `threads`). A port already in use fails either way; but while wharf
+    /// listens with this on, another process of the same user that also
+    /// sets `SO_REUSEPORT` could join the port.
+    pub fn reuse_port(mut self, on: bool) -> Self {
+        self.reuse_port = on;
+        self
+    }
+
     /// Listens on `addr` (may be called for several addresses). The port is
     /// taken now, so a busy port or a malformed address fails here.
     pub fn bind(mut self, addr: impl ToSocketAddrs) -> io::Result<Self> {
         let mut last = None;
         for addr in addr.to_socket_addrs()? {
-            match sys::bind(addr, self.backlog) {
+            let share = if self.reuse_port && self.threads > 1 {
+                Share::FirstOfGroup
+            } else {
+                Share::Alone
+            };
+            match sys::bind(addr, self.backlog, share) {
                 Ok(listener) => {
                     let local = listener
                         .local_addr()?
                         .as_socket()
                         .ok_or_else(|| io::Error::other("listener has no IP address"))?;
-                    self.listeners.push((local, listener));
+                    self.listeners.push((local, listener, share));
                     return Ok(self);
                 }
                 Err(e) => last = Some(e),
@@ -237,12 +256,18 @@ impl Builder {
         // One listener per loop and address, sharing the port.
         let mut per_loop: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
-        for (addr, first) in self.listeners {
+        for (addr, first, share) in self.listeners {
             local_addrs.push(addr);
-            per_loop[0].push(first);
             for listeners in per_loop.iter_mut().skip(1) {
-                listeners.push(sys::bind(addr, self.backlog)?);
+                if share == Share::FirstOfGroup {
+                    listeners.push(sys::bind(addr, self.backlog, Share::JoinGroup)?);
+                } else {
+                    // One listening socket, a handle of it per loop: every
+                    // loop accepts from the same queue.
+                    listeners.push(first.try_clone()?);
+                }
             }
+            per_loop[0].push(first);
         }
         let slots = self.limits.max_connections;
         let shared = Arc::new(Shared {

@@ -67,7 +67,11 @@ fn hostile_headers_are_refused_without_allocation() {
                     while !stop.load(Ordering::SeqCst) || n < 10 {
                         let body = pattern(i * 1000 + n, 100 + n % 50);
                         write_frame(&mut s, &body);
-                        assert_eq!(read_frame(&mut s).unwrap(), body, "good client {i} disturbed");
+                        assert_eq!(
+                            read_frame(&mut s).unwrap(),
+                            body,
+                            "good client {i} disturbed"
+                        );
                         n += 1;
                     }
                 })
@@ -100,11 +104,24 @@ fn hostile_headers_are_refused_without_allocation() {
             .filter(|r| matches!(r, CloseReason::FrameTooLarge { .. }))
             .collect();
         eprintln!("largest allocation while attacked: {largest} bytes; closes: {too_large:?}");
-        assert_eq!(too_large.len(), 3, "one FrameTooLarge close per hostile header");
+        assert_eq!(
+            too_large.len(),
+            3,
+            "one FrameTooLarge close per hostile header"
+        );
         for (r, h) in too_large.iter().zip(headers) {
-            assert_eq!(**r, CloseReason::FrameTooLarge { len: h as usize, max: MAX });
+            assert_eq!(
+                **r,
+                CloseReason::FrameTooLarge {
+                    len: h as usize,
+                    max: MAX
+                }
+            );
         }
-        assert!(largest <= MAX, "allocated {largest} bytes, above the {MAX}-byte maximum");
+        assert!(
+            largest <= MAX,
+            "allocated {largest} bytes, above the {MAX}-byte maximum"
+        );
         server.shutdown(Duration::from_secs(2)).unwrap();
     });
 }

@@ -174,7 +174,9 @@ impl<H: Handler> Core<H> {
                 FrameError::Invalid(why) => CloseReason::Protocol(why),
             };
             tracing::debug!(conn = %id, ?reason, "closing on a framing error");
-            self.close(key, reason, false);
+            // Replies to the good messages before the bad one still go out;
+            // the rest of the peer's bytes are never read as messages.
+            self.close(key, reason, true);
         }
         self.touch(key);
     }

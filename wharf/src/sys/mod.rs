@@ -62,7 +62,7 @@ mod unix;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub(crate) use unix::{Listener, Reserve, Socket};
+pub(crate) use unix::{Listener, Reserve, Share, Socket};
 
 #[cfg(target_os = "linux")]
 type SendScratch = uring::SendScratch;
@@ -316,10 +316,10 @@ pub(crate) fn choose(backend: Backend) -> io::Result<Backend> {
     }
 }
 
-/// Creates a non-blocking listener bound to `addr`, which other listeners
-/// of the same process may share (one per loop).
-pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
-    unix::bind(addr, backlog)
+/// Creates a non-blocking listener bound to `addr`, alone or as a member
+/// of a group of listeners sharing the port (one per loop).
+pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<Listener> {
+    unix::bind(addr, backlog, share)
 }
 
 /// Creates an unconnected stream socket for `addr`'s family.

@@ -10,13 +10,40 @@ pub(crate) type Socket = socket2::Socket;
 /// An owned listening socket.
 pub(crate) type Listener = socket2::Socket;
 
-pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+/// How a listener shares its port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Share {
+    /// Nobody else: one socket (the loops share it).
+    Alone,
+    /// The first of a group of SO_REUSEPORT listeners, one per loop.
+    FirstOfGroup,
+    /// Another member of the group the first one started.
+    JoinGroup,
+}
+
+pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<Listener> {
+    let new = || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
+    let mut addr = addr;
+    if share == Share::FirstOfGroup {
+        // A busy port must fail here, even when its holder is another
+        // SO_REUSEPORT listener of the same user, which the kernel would let
+        // us join: a plain socket binds only if nobody listens on the port.
+        // (For port 0 this is also how the port is picked.)
+        let probe = new()?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+        addr = probe
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("no port"))?;
+    }
+    let socket = new()?;
     socket.set_reuse_address(true)?;
-    // Each loop binds its own listener to the same address; the kernel
-    // spreads new connections across them.
-    #[cfg(not(target_os = "solaris"))]
-    socket.set_reuse_port(true)?;
+    if share != Share::Alone {
+        // Each loop binds its own listener to the same address; the kernel
+        // spreads new connections across them.
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -32,6 +32,15 @@ pub fn each_backend(test: impl Fn(Builder)) {
     }
 }
 
+/// Runs `test` once per backend, given the backend (for tests that build
+/// more than one server).
+pub fn each_backend_kind(test: impl Fn(Backend)) {
+    for backend in backends() {
+        eprintln!("-- backend {backend:?}");
+        test(backend);
+    }
+}
+
 /// Echoes every message back; counts opens and closes.
 #[derive(Default, Clone)]
 pub struct Echo {
