@@ -212,8 +212,16 @@ impl<H: Handler> EventLoop<H> {
         loop {
             let timeout = self.core.next_timeout();
             let EventLoop { driver, core } = &mut self;
-            core.now_tick = core.wheel.tick_floor(Instant::now());
-            if let Err(e) = driver.poll(timeout, |event| core.on_event(event)) {
+            // The clock is read once per batch of events, after the wait.
+            let mut stamped = false;
+            let result = driver.poll(timeout, |event| {
+                if !stamped {
+                    stamped = true;
+                    core.now_tick = core.wheel.tick_floor(Instant::now());
+                }
+                core.on_event(event)
+            });
+            if let Err(e) = result {
                 tracing::error!(loop_index = core.index, error = %e, "event loop failed");
                 break;
             }

@@ -2,7 +2,7 @@
 //!
 //! # The backend contract
 //!
-//! Each backend is one module (`uring`, `poll`, later `iocp`) with the same
+//! Each backend is one module (`uring`, `poll`, `iocp`) with the same
 //! item names and signatures. Where a platform has more than one, the choice
 //! is made at start (`choose`) and `Driver` and `Waker` below are enums whose
 //! methods `match` once and call the backend's own: no trait object, and the
@@ -57,16 +57,29 @@ use std::time::Duration;
 
 use crate::Backend;
 
+#[cfg(windows)]
+mod iocp;
+#[cfg(unix)]
 mod poll;
+#[cfg(unix)]
 mod unix;
 #[cfg(target_os = "linux")]
 mod uring;
+#[cfg(windows)]
+mod windows;
 
-pub(crate) use unix::{Listener, Reserve, Share, Socket};
+#[cfg(unix)]
+use unix as os;
+#[cfg(windows)]
+use windows as os;
+
+pub(crate) use os::{Listener, Reserve, Share, Socket};
 
 #[cfg(target_os = "linux")]
 type SendScratch = uring::SendScratch;
-#[cfg(not(target_os = "linux"))]
+#[cfg(windows)]
+type SendScratch = iocp::SendScratch;
+#[cfg(not(any(target_os = "linux", windows)))]
 type SendScratch = ();
 
 /// Sizes a driver is created with (some only matter to io_uring).

@@ -35,8 +35,8 @@ use windows_sys::Win32::System::IO::{
 
 use self::accept::ListenerIo;
 use self::op::Kind;
-use self::stream::SlotIo;
 pub(crate) use self::stream::SendScratch;
+use self::stream::SlotIo;
 use super::{DriverConfig, Event, RecvEnd};
 
 /// Completions dequeued per `GetQueuedCompletionStatusEx` call.
@@ -61,7 +61,8 @@ unsafe impl Sync for Port {}
 impl Port {
     fn new() -> io::Result<Port> {
         // SAFETY: creates a new port; no pointers are passed.
-        let handle = unsafe { CreateIoCompletionPort(INVALID_HANDLE_VALUE, std::ptr::null_mut(), 0, 1) };
+        let handle =
+            unsafe { CreateIoCompletionPort(INVALID_HANDLE_VALUE, std::ptr::null_mut(), 0, 1) };
         if handle.is_null() {
             return Err(io::Error::last_os_error());
         }
@@ -108,7 +109,8 @@ impl Waker {
         }
         // SAFETY: posts a packet with no OVERLAPPED; the port outlives this
         // call (the Arc holds it).
-        let ok = unsafe { PostQueuedCompletionStatus(self.0.port.0, 0, WAKE_KEY, std::ptr::null()) };
+        let ok =
+            unsafe { PostQueuedCompletionStatus(self.0.port.0, 0, WAKE_KEY, std::ptr::null()) };
         if ok == 0 {
             self.0.queued.store(false, Ordering::Release);
         }
@@ -287,7 +289,10 @@ fn raw(socket: &impl AsRawSocket) -> SOCKET {
 fn millis(timeout: Option<Duration>) -> u32 {
     match timeout {
         None => u32::MAX,
-        Some(d) => d.as_nanos().div_ceil(1_000_000).min(u128::from(u32::MAX - 1)) as u32,
+        Some(d) => d
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .min(u128::from(u32::MAX - 1)) as u32,
     }
 }
 

@@ -71,10 +71,9 @@ impl Op {
         self.pending.get()
     }
 
-    /// Readies the operation to be posted on `socket` for `id`; returns the
-    /// `OVERLAPPED` and flags to hand to the call. The caller calls
-    /// [`Op::posted`] or [`Op::failed`] right after.
-    pub(super) fn start(&self, socket: SOCKET, id: u32) -> (*mut OVERLAPPED, *mut u32) {
+    /// Readies the operation to be posted on `socket` for `id`; returns
+    /// the flags to hand to the call. Called through [`OpBox::start`].
+    fn prepare(&self, socket: SOCKET, id: u32) -> *mut u32 {
         assert!(!self.is_pending(), "an operation was posted twice");
         // SAFETY: not pending, so the kernel holds no pointer to these, and
         // the driver holds no reference into them (only raw pointers).
@@ -84,7 +83,12 @@ impl Op {
         }
         self.socket.set(socket);
         self.id.set(id);
-        (self.overlapped.get(), self.flags.get())
+        self.flags.get()
+    }
+
+    /// The `OVERLAPPED`, to name this operation to `CancelIoEx`.
+    pub(super) fn overlapped(&self) -> *const OVERLAPPED {
+        self.overlapped.get()
     }
 
     /// The call accepted the operation: a completion packet will come
@@ -155,6 +159,18 @@ pub(super) struct OpBox<T: StartsWithOp>(NonNull<T>);
 impl<T: StartsWithOp> OpBox<T> {
     pub(super) fn new(value: T) -> OpBox<T> {
         OpBox(NonNull::from(Box::leak(Box::new(value))))
+    }
+
+    /// Readies the operation to be posted on `socket` for `id`; returns the
+    /// `OVERLAPPED` and flags to hand to the call. The caller calls
+    /// [`Op::posted`] or [`Op::failed`] right after.
+    ///
+    /// The `OVERLAPPED` pointer is made from the whole allocation's, so
+    /// that the completion's copy of it may be read back as the `Op` that
+    /// starts the allocation ([`header`]).
+    pub(super) fn start(&self, socket: SOCKET, id: u32) -> (*mut OVERLAPPED, *mut u32) {
+        let flags = self.op().prepare(socket, id);
+        (self.0.as_ptr().cast::<OVERLAPPED>(), flags)
     }
 
     /// Whether `overlapped` (from a completion) is this operation's.
