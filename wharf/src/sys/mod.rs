@@ -186,7 +186,10 @@ impl SendBatch {
 pub(crate) enum Driver {
     #[cfg(target_os = "linux")]
     Uring(uring::Driver),
+    #[cfg(unix)]
     Poll(poll::Driver),
+    #[cfg(windows)]
+    Iocp(iocp::Driver),
 }
 
 /// Wakes a loop's driver from another thread.
@@ -194,7 +197,10 @@ pub(crate) enum Driver {
 pub(crate) enum Waker {
     #[cfg(target_os = "linux")]
     Uring(uring::Waker),
+    #[cfg(unix)]
     Poll(poll::Waker),
+    #[cfg(windows)]
+    Iocp(iocp::Waker),
 }
 
 impl Waker {
@@ -202,7 +208,10 @@ impl Waker {
         match self {
             #[cfg(target_os = "linux")]
             Waker::Uring(w) => w.wake(),
+            #[cfg(unix)]
             Waker::Poll(w) => w.wake(),
+            #[cfg(windows)]
+            Waker::Iocp(w) => w.wake(),
         }
     }
 }
@@ -212,7 +221,10 @@ impl Driver {
         match config.backend {
             #[cfg(target_os = "linux")]
             Backend::Uring => uring::Driver::new(config).map(Driver::Uring),
+            #[cfg(unix)]
             Backend::Poll => poll::Driver::new(config).map(Driver::Poll),
+            #[cfg(windows)]
+            Backend::Iocp => iocp::Driver::new(config).map(Driver::Iocp),
             other => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("backend {other:?} is not available on this platform"),
@@ -224,7 +236,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => Waker::Uring(d.waker()),
+            #[cfg(unix)]
             Driver::Poll(d) => Waker::Poll(d.waker()),
+            #[cfg(windows)]
+            Driver::Iocp(d) => Waker::Iocp(d.waker()),
         }
     }
 
@@ -232,7 +247,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.listen(listener, socket),
+            #[cfg(unix)]
             Driver::Poll(d) => d.listen(listener, socket),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.listen(listener, socket),
         }
     }
 
@@ -240,7 +258,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.unlisten(listener, socket),
+            #[cfg(unix)]
             Driver::Poll(d) => d.unlisten(listener, socket),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.unlisten(listener, socket),
         }
     }
 
@@ -248,7 +269,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.recv(slot, socket),
+            #[cfg(unix)]
             Driver::Poll(d) => d.recv(slot, socket),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.recv(slot, socket),
         }
     }
 
@@ -256,7 +280,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.send(slot, socket, batch),
+            #[cfg(unix)]
             Driver::Poll(d) => d.send(slot, socket, batch),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.send(slot, socket, batch),
         }
     }
 
@@ -264,7 +291,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.connect(slot, socket, addr),
+            #[cfg(unix)]
             Driver::Poll(d) => d.connect(slot, socket, addr),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.connect(slot, socket, addr),
         }
     }
 
@@ -272,7 +302,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.cancel(slot, socket),
+            #[cfg(unix)]
             Driver::Poll(d) => d.cancel(slot, socket),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.cancel(slot, socket),
         }
     }
 
@@ -280,7 +313,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.cancel_recv(slot, socket),
+            #[cfg(unix)]
             Driver::Poll(d) => d.cancel_recv(slot, socket),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.cancel_recv(slot, socket),
         }
     }
 
@@ -292,7 +328,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.poll(timeout, f),
+            #[cfg(unix)]
             Driver::Poll(d) => d.poll(timeout, f),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.poll(timeout, f),
         }
     }
 
@@ -300,7 +339,10 @@ impl Driver {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.in_flight(),
+            #[cfg(unix)]
             Driver::Poll(d) => d.in_flight(),
+            #[cfg(windows)]
+            Driver::Iocp(d) => d.in_flight(),
         }
     }
 }
@@ -310,7 +352,10 @@ pub(crate) fn choose(backend: Backend) -> io::Result<Backend> {
     match backend {
         #[cfg(target_os = "linux")]
         Backend::Uring => uring::probe().map(|()| Backend::Uring),
+        #[cfg(unix)]
         Backend::Poll => poll::probe().map(|()| Backend::Poll),
+        #[cfg(windows)]
+        Backend::Iocp => iocp::probe().map(|()| Backend::Iocp),
         #[cfg(target_os = "linux")]
         Backend::Auto => match uring::probe() {
             Ok(()) => Ok(Backend::Uring),
@@ -319,7 +364,9 @@ pub(crate) fn choose(backend: Backend) -> io::Result<Backend> {
                 Ok(Backend::Poll)
             }
         },
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(windows)]
+        Backend::Auto => iocp::probe().map(|()| Backend::Iocp),
+        #[cfg(not(any(target_os = "linux", windows)))]
         Backend::Auto => Ok(Backend::Poll),
         #[allow(unreachable_patterns)]
         other => Err(io::Error::new(
@@ -332,17 +379,17 @@ pub(crate) fn choose(backend: Backend) -> io::Result<Backend> {
 /// Creates a non-blocking listener bound to `addr`, alone or as a member
 /// of a group of listeners sharing the port (one per loop).
 pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<Listener> {
-    unix::bind(addr, backlog, share)
+    os::bind(addr, backlog, share)
 }
 
 /// Creates an unconnected stream socket for `addr`'s family.
 pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {
-    unix::stream_socket(addr)
+    os::stream_socket(addr)
 }
 
 /// Half-closes the write side (sends FIN after queued data).
 pub(crate) fn shutdown_write(socket: &Socket) {
-    unix::shutdown_write(socket)
+    os::shutdown_write(socket)
 }
 
 /// Options applied to every accepted or connected socket.
@@ -357,12 +404,12 @@ pub(crate) struct SocketOptions {
 /// Prepares an accepted or connected socket with `options`, and refuses
 /// SIGPIPE where the platform needs a socket option for that.
 pub(crate) fn prepare(socket: &Socket, options: &SocketOptions) {
-    unix::prepare(socket, options)
+    os::prepare(socket, options)
 }
 
 /// The peer's address of a connected socket.
 pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
-    unix::peer_addr(socket)
+    os::peer_addr(socket)
 }
 
 #[cfg(test)]

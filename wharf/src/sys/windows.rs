@@ -12,13 +12,29 @@ pub(crate) type Socket = socket2::Socket;
 /// An owned listening socket.
 pub(crate) type Listener = socket2::Socket;
 
-pub(crate) fn bind(addr: SocketAddr, backlog: i32) -> io::Result<Listener> {
+/// How a listener shares its port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Share {
+    /// Nobody else: one socket. (The loops are given clones of it; only the
+    /// first loop to post `AcceptEx` on it can: a socket's completions go to
+    /// one port.)
+    Alone,
+    /// The first of a group of listeners on one port, one per loop.
+    FirstOfGroup,
+    /// Another member of the group the first one started.
+    JoinGroup,
+}
+
+pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<Listener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Each loop binds its own listener to the same address. Windows has no
-    // SO_REUSEPORT: SO_REUSEADDR lets the second bind succeed, but which of
-    // the listeners gets a new connection is up to the system (it does not
-    // spread them). Every listener is served all the same.
-    socket.set_reuse_address(true)?;
+    // Windows has no SO_REUSEPORT. Its SO_REUSEADDR lets a socket bind to a
+    // port that another socket holds, even a listening one, so the first
+    // listener binds without it (a busy port fails here) and only the
+    // group's other members set it, to join the port the first one took.
+    // Which member the system gives a new connection to is up to it.
+    if share == Share::JoinGroup {
+        socket.set_reuse_address(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -39,10 +55,13 @@ pub(crate) fn shutdown_write(socket: &Socket) {
     let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
-pub(crate) fn prepare(socket: &Socket, nodelay: bool) {
-    // Windows raises no signal on a reset peer: only Nagle to turn off.
-    if nodelay {
+pub(crate) fn prepare(socket: &Socket, options: &super::SocketOptions) {
+    // Windows raises no signal on a reset peer: nothing else to set.
+    if options.nodelay {
         let _ = socket.set_tcp_nodelay(true);
+    }
+    if let Some(bytes) = options.send_buffer {
+        let _ = socket.set_send_buffer_size(bytes);
     }
 }
 
