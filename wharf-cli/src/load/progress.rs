@@ -34,7 +34,11 @@ impl Progress {
             return;
         }
         let now = Instant::now();
-        let totals = run.totals(in_window);
+        let mut totals = run.totals(in_window);
+        if in_window && totals.latency.is_empty() {
+            // The window has just opened: show the warm-up's p99 a while longer.
+            totals = run.totals(false);
+        }
         let secs = now.duration_since(self.last.0).as_secs_f64().max(1e-3);
         let rate = totals.received.saturating_sub(self.last.1) as f64 / secs;
         self.last = (now, totals.received);
