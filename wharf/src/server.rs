@@ -27,19 +27,22 @@ pub enum Backend {
     Auto,
     /// io_uring (Linux).
     Uring,
-    /// Readiness polling through mio (epoll, kqueue): everywhere, and where
+    /// Readiness polling through mio (epoll, kqueue): on Unix, and where
     /// io_uring is blocked (container seccomp profiles) or too old.
     Poll,
+    /// I/O completion ports (Windows).
+    Iocp,
 }
 
 impl Backend {
-    /// Reads `WHARF_BACKEND` (`uring`, `poll` or `auto`), which overrides
+    /// Reads `WHARF_BACKEND` (`uring`, `poll`, `iocp` or `auto`), which overrides
     /// the builder's choice.
     fn from_env() -> Option<Backend> {
         let v = std::env::var("WHARF_BACKEND").ok()?;
         match v.to_ascii_lowercase().as_str() {
             "uring" | "io_uring" => Some(Backend::Uring),
             "poll" | "mio" => Some(Backend::Poll),
+            "iocp" => Some(Backend::Iocp),
             "auto" | "" => Some(Backend::Auto),
             other => {
                 tracing::warn!(value = other, "ignoring unknown WHARF_BACKEND");
@@ -243,7 +246,7 @@ impl Builder {
     }
 
     /// The completion engine (default: [`Backend::Auto`]). The environment
-    /// variable `WHARF_BACKEND=uring|poll|auto` overrides it.
+    /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self

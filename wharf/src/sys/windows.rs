@@ -3,38 +3,72 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, Weak};
 
 use socket2::{Domain, Protocol, Type};
 
 /// An owned socket; dropping it closes it. socket2 creates every socket
 /// with `WSA_FLAG_OVERLAPPED`, which completion-port I/O needs.
 pub(crate) type Socket = socket2::Socket;
-/// An owned listening socket.
-pub(crate) type Listener = socket2::Socket;
 
-/// How a listener shares its port.
+/// A listening socket, shared by the loops it was cloned for: one socket,
+/// one handle, closed when the last loop lets go.
+///
+/// Windows cannot spread a port's connections over several listening
+/// sockets (it has no SO_REUSEPORT; with SO_REUSEADDR which socket gets a
+/// connection is undefined, and Wine refuses the second bind), and a
+/// socket's completions go to one completion port only. So every loop gets
+/// the same listening socket, and the first loop to associate it with its
+/// port is the one that accepts (see `iocp/accept.rs`); the others hold it
+/// without posting.
+#[derive(Debug)]
+pub(crate) struct Listener(Arc<Socket>);
+
+impl Listener {
+    /// Another handle on the same listening socket (no new OS handle).
+    pub(crate) fn try_clone(&self) -> io::Result<Listener> {
+        Ok(Listener(self.0.clone()))
+    }
+}
+
+impl Deref for Listener {
+    type Target = Socket;
+    fn deref(&self) -> &Socket {
+        &self.0
+    }
+}
+
+/// How a listener shares its port. On Windows a group is one socket too:
+/// its first member is registered by address, and the others are handles
+/// on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Share {
-    /// Nobody else: one socket. (The loops are given clones of it; only the
-    /// first loop to post `AcceptEx` on it can: a socket's completions go to
-    /// one port.)
+    /// Nobody else: one socket (the loops share it).
     Alone,
-    /// The first of a group of listeners on one port, one per loop.
+    /// The first of a group of listeners, one per loop.
     FirstOfGroup,
     /// Another member of the group the first one started.
     JoinGroup,
 }
 
+/// The first members of groups, by address, for the others to join.
+static GROUPS: Mutex<Vec<(SocketAddr, Weak<Socket>)>> = Mutex::new(Vec::new());
+
 pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<Listener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Windows has no SO_REUSEPORT. Its SO_REUSEADDR lets a socket bind to a
-    // port that another socket holds, even a listening one, so the first
-    // listener binds without it (a busy port fails here) and only the
-    // group's other members set it, to join the port the first one took.
-    // Which member the system gives a new connection to is up to it.
     if share == Share::JoinGroup {
-        socket.set_reuse_address(true)?;
+        let groups = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
+        return groups
+            .iter()
+            .rev()
+            .find(|(a, _)| *a == addr)
+            .and_then(|(_, first)| first.upgrade())
+            .map(Listener)
+            .ok_or_else(|| io::Error::other(format!("no listener on {addr} to join")));
     }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // No SO_REUSEADDR: on Windows it would let this bind succeed on a port
+    // that another socket with it holds. A busy port fails here.
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -44,7 +78,17 @@ pub(crate) fn bind(addr: SocketAddr, backlog: i32, share: Share) -> io::Result<L
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
-    Ok(socket)
+    let socket = Arc::new(socket);
+    if share == Share::FirstOfGroup {
+        let local = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("no port"))?;
+        let mut groups = GROUPS.lock().unwrap_or_else(|p| p.into_inner());
+        groups.retain(|(_, first)| first.strong_count() > 0);
+        groups.push((local, Arc::downgrade(&socket)));
+    }
+    Ok(Listener(socket))
 }
 
 pub(crate) fn stream_socket(addr: SocketAddr) -> io::Result<Socket> {

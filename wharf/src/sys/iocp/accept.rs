@@ -11,7 +11,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::io;
 
 use socket2::{Domain, Protocol, Type};
-use windows_sys::Win32::Foundation::{ERROR_IO_PENDING, HANDLE};
+use windows_sys::Win32::Foundation::{ERROR_INVALID_PARAMETER, ERROR_IO_PENDING, HANDLE};
 use windows_sys::Win32::Networking::WinSock::{
     setsockopt, AcceptEx, SOCKADDR_STORAGE, SOCKET, SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT,
     WSA_OPERATION_ABORTED,
@@ -80,7 +80,7 @@ impl Driver {
         debug_assert!(!l.counted, "listen twice without AcceptEnded");
         l.counted = true;
         l.error = None;
-        let s = raw(socket);
+        let s = raw(&**socket);
         if l.socket != s {
             let domain = socket.local_addr().map(|a| a.domain());
             let associated = domain.and_then(|d| self.waker.0.port.associate(s).map(|()| d));
@@ -88,6 +88,15 @@ impl Driver {
                 Ok(domain) => {
                     l.socket = s;
                     l.domain = domain;
+                }
+                Err(e) if e.raw_os_error() == Some(ERROR_INVALID_PARAMETER as i32) => {
+                    // The listening socket is shared by the loops, and
+                    // another loop's port already serves it: a socket's
+                    // completions go to one port only, so that loop
+                    // accepts for all (see `windows::Listener`). This one
+                    // listens without posting; `unlisten` ends it.
+                    tracing::debug!(listener, "listener served by another loop's port");
+                    return;
                 }
                 Err(e) => {
                     l.error = Some(e);
@@ -109,7 +118,7 @@ impl Driver {
         if l.posted > 0 {
             // SAFETY: cancels the operations issued on this open socket;
             // their memory stays in the pool until their completions come.
-            unsafe { CancelIoEx(raw(socket) as HANDLE, std::ptr::null()) };
+            unsafe { CancelIoEx(raw(&**socket) as HANDLE, std::ptr::null()) };
         } else if l.counted {
             l.counted = false;
             self.done.push_back(Done::AcceptEnded(listener));
