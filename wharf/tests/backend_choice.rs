@@ -111,12 +111,22 @@ fn auto_falls_back_to_poll_when_io_uring_is_blocked() {
     );
 }
 
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+#[test]
+fn auto_falls_back_to_poll_when_io_uring_is_blocked() {
+    eprintln!(
+        "SKIPPED: auto_falls_back_to_poll_when_io_uring_is_blocked: io_uring and the \
+         seccomp filter that blocks it exist only on Linux (x86_64 here)"
+    );
+}
+
 #[test]
 fn auto_picks_the_platform_default_and_env_overrides() {
     let server = Server::builder().start(Echo::default()).unwrap();
     let expected = match std::env::var("WHARF_BACKEND").as_deref() {
         Ok("poll") => Backend::Poll,
         _ if cfg!(target_os = "linux") => Backend::Uring,
+        _ if cfg!(windows) => Backend::Iocp,
         _ => Backend::Poll,
     };
     assert_eq!(server.backend(), expected);

@@ -47,9 +47,13 @@ fn peer_vanishing_mid_frame_closes_once_and_leaks_nothing() {
         drop(sock);
 
         wait_until(10, "two closes", || echo.closed.load(Ordering::SeqCst) == 3);
-        wait_until(10, "descriptors back to baseline", || {
-            open_fds() == baseline
-        });
+        if cfg!(windows) {
+            eprintln!("SKIPPED the descriptor count on Windows: it reads /proc/self/fd");
+        } else {
+            wait_until(10, "descriptors back to baseline", || {
+                open_fds() == baseline
+            });
+        }
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(echo.opened.load(Ordering::SeqCst), 3);
         assert_eq!(

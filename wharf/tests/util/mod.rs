@@ -15,6 +15,8 @@ use wharf::{Backend, Builder, CloseReason, Conn, ConnId, Handler, Server};
 pub fn backends() -> Vec<Backend> {
     let mut v = if cfg!(target_os = "linux") {
         vec![Backend::Uring, Backend::Poll]
+    } else if cfg!(windows) {
+        vec![Backend::Iocp]
     } else {
         vec![Backend::Poll]
     };
