@@ -63,7 +63,9 @@ pub(super) struct SlotIo {
     socket: SOCKET,
     recv: OpBox<Op>,
     send: OpBox<Op>,
-    connect: OpBox<ConnectOp>,
+    /// Made on the slot's first outbound connect (most slots never
+    /// connect, and an idle connection should cost little).
+    connect: Option<OpBox<ConnectOp>>,
     /// A receive was asked for and its `RecvEnded` is still owed.
     receiving: bool,
     /// The receive was asked to stop.
@@ -76,10 +78,7 @@ impl SlotIo {
             socket: 0,
             recv: OpBox::new(Op::new(Kind::Recv, slot)),
             send: OpBox::new(Op::new(Kind::Send, slot)),
-            connect: OpBox::new(ConnectOp {
-                op: Op::new(Kind::Connect, slot),
-                addr: UnsafeCell::new(SockAddr::from(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))),
-            }),
+            connect: None,
             receiving: false,
             recv_cancelled: false,
         }
@@ -297,7 +296,12 @@ impl Driver {
             return Err(io::Error::other("Winsock has no ConnectEx"));
         };
         let io = self.slot(slot, socket);
-        let op = &io.connect;
+        let op = io.connect.get_or_insert_with(|| {
+            OpBox::new(ConnectOp {
+                op: Op::new(Kind::Connect, slot),
+                addr: UnsafeCell::new(SockAddr::from(addr)),
+            })
+        });
         let (overlapped, _) = op.start(io.socket, slot);
         // SAFETY: not pending (just started), so nothing reads the address.
         let target = unsafe {
@@ -336,7 +340,11 @@ impl Driver {
         f: &mut impl FnMut(Event<'_>),
     ) {
         let io = &self.slots[slot as usize];
-        let result = io.connect.op().complete(entry).and_then(|_| {
+        let Some(op) = &io.connect else {
+            debug_assert!(false, "a connect completion without its operation");
+            return;
+        };
+        let result = op.op().complete(entry).and_then(|_| {
             // Makes getpeername and shutdown work on the socket.
             // SAFETY: no option value is passed; the socket is open.
             let rc = unsafe {
@@ -362,7 +370,8 @@ impl Driver {
         let Some(io) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        let mut pending = io.send.is_pending() || io.connect.op().is_pending();
+        let connecting = io.connect.as_ref().is_some_and(|c| c.op().is_pending());
+        let mut pending = io.send.is_pending() || connecting;
         if io.receiving {
             if io.recv.is_pending() {
                 io.recv_cancelled = true;
