@@ -389,17 +389,13 @@ impl Driver {
         for _ in 0..READS_PER_TURN {
             match (&*socket).read(buf) {
                 Ok(0) => return self.recv_ended(slot, RecvEnd::Eof, f),
-                Ok(n) => {
-                    f(Event::Received {
-                        slot,
-                        data: &buf[..n],
-                    });
-                    // A short read drained the socket; new data brings a
-                    // new edge.
-                    if n < buf.len() {
-                        return;
-                    }
-                }
+                // Read on until WouldBlock even after a short read: the
+                // edge that woke us may also carry an error or EOF that
+                // arrived with the data, and no new edge would report it.
+                Ok(n) => f(Event::Received {
+                    slot,
+                    data: &buf[..n],
+                }),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.recv_ended(slot, RecvEnd::Error(e), f),
