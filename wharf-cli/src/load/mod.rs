@@ -27,6 +27,7 @@ mod pacer;
 mod pattern;
 mod progress;
 mod report;
+mod shared;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -40,8 +41,9 @@ use wharf::{Handle, Server};
 pub use args::{cli, Args};
 pub use report::{Latency, Report};
 
-use client::{LoadHandler, Run};
+use client::LoadHandler;
 use progress::Progress;
+use shared::Run;
 
 /// Connects in flight at once while opening connections: enough to open
 /// thousands quickly, few enough not to overflow a server's accept backlog.
@@ -221,7 +223,7 @@ pub fn run(config: &Config) -> Result<Report, LoadError> {
         Some(rate) => {
             run.set_schedule_start(t0);
             let plan = pacer::Plan {
-                ids: client::lock(&run.active_ids).clone(),
+                ids: shared::lock(&run.active_ids).clone(),
                 start: t0,
                 end: window_end,
                 rate,
@@ -278,7 +280,7 @@ pub fn run(config: &Config) -> Result<Report, LoadError> {
     let failed = total.saturating_sub(opened);
     let dropped = run.dropped.load(Ordering::Relaxed);
     let errors = t.corrupt + lost + t.unexpected;
-    let first_failure = client::lock(&run.first_failure).clone();
+    let first_failure = shared::lock(&run.first_failure).clone();
     Ok(Report {
         addr: config.addr.to_string(),
         connections: config.connections,
@@ -337,7 +339,7 @@ fn connect_all(run: &Run, handle: &Handle, config: &Config) -> Result<(), LoadEr
         thread::sleep(Duration::from_millis(1));
     }
     if run.opened.load(Ordering::Relaxed) == 0 {
-        let reason = client::lock(&run.first_failure)
+        let reason = shared::lock(&run.first_failure)
             .clone()
             .unwrap_or_else(|| "no connection opened".into());
         return Err(LoadError::Connect {

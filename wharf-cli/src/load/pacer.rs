@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use wharf::{Bytes, ConnId, Handle, SendError};
 
-use super::client::Run;
+use super::shared::Run;
 
 /// Most messages built in one allocation.
 const BATCH: u64 = 1024;

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::client::Run;
+use super::shared::Run;
 
 /// Prints one line per tick: rewritten in place (`\r`) on a terminal, one
 /// line each otherwise (so logs stay readable).
