@@ -94,12 +94,16 @@ fn shutdown_delivers_queued_data_then_closes_and_joins() {
                         let got = read_frame(&mut s).expect("queued frame");
                         assert!(got == pattern(i, FRAME), "frame {i} differs");
                     }
+                    let t = std::time::Instant::now();
                     let mut rest = Vec::new();
                     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "FIN after the data");
+                    eprintln!("FIN {:?} after the last frame", t.elapsed());
                 })
             })
             .collect();
+        let t = std::time::Instant::now();
         server.shutdown(Duration::from_secs(20)).unwrap();
+        eprintln!("shutdown took {:?}", t.elapsed());
         flood.stopped.store(true, Ordering::SeqCst);
         for r in readers {
             r.join().unwrap();

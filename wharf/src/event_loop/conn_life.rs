@@ -69,7 +69,7 @@ impl<H: Handler> Core<H> {
             last_recv_tick: self.now_tick,
             last_write_tick: self.now_tick,
             timer: None,
-            deadline: Instant::now(),
+            deadline: None,
         });
         key as u32
     }
@@ -305,11 +305,6 @@ impl<H: Handler> Core<H> {
     }
 
     fn start_closing(&mut self, key: u32, flush: bool) {
-        let linger = self.limits.close_linger;
-        let until = match self.shutdown {
-            Some(t) => t.min(Instant::now() + linger),
-            None => Instant::now() + linger,
-        };
         let slot = &mut self.conns[key as usize];
         slot.phase = Phase::Closing;
         slot.ctl.open = false;
@@ -318,7 +313,9 @@ impl<H: Handler> Core<H> {
         if !flush {
             slot.ctl.out.clear();
         }
-        slot.deadline = until;
+        // Flushing has no deadline of its own (a peer that stops reading is
+        // cut off by the write-stall timeout), except a shutdown's.
+        slot.deadline = self.shutdown;
         self.arm_timer(key);
         self.touch(key);
     }
@@ -396,7 +393,11 @@ impl<H: Handler> Core<H> {
                     // into a reset that could destroy what we sent.
                     sys::shutdown_write(&slot.socket);
                     slot.fin_sent = true;
+                    let linger = Instant::now() + self.limits.close_linger;
+                    slot.deadline = Some(slot.deadline.map_or(linger, |d| d.min(linger)));
+                    self.arm_timer(key);
                 }
+                let slot = &mut self.conns[key as usize];
                 if !slot.peer_done {
                     if !slot.recv_armed {
                         driver.recv(key, &slot.socket);
@@ -473,9 +474,16 @@ impl<H: Handler> Core<H> {
             .into_iter()
             .flatten()
             .min(),
-            Phase::Closing => {
-                (slot.flush || !slot.peer_done).then(|| self.wheel.tick_of(slot.deadline))
-            }
+            Phase::Closing if slot.flush || !slot.peer_done => [
+                slot.deadline.map(|d| self.wheel.tick_of(d)),
+                l.write_stall_timeout
+                    .filter(|_| slot.flush && slot.ctl.unsent > 0)
+                    .map(|d| slot.last_write_tick + ticks(d)),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Phase::Closing => None,
         }
     }
 

@@ -96,8 +96,9 @@ struct Slot<S> {
     last_write_tick: u64,
     /// The tick of this slot's live wheel entry (older entries are stale).
     timer: Option<u64>,
-    /// Closing: when to stop waiting for the flush or the peer.
-    deadline: Instant,
+    /// Closing: when to stop waiting for the flush (the shutdown deadline,
+    /// if shutting down) or, once FIN is sent, for the peer (the linger).
+    deadline: Option<Instant>,
 }
 
 struct ListenerState {
@@ -382,7 +383,7 @@ impl<H: Handler> Core<H> {
                 }
                 Phase::Closing => {
                     let slot = &mut self.conns[key as usize];
-                    slot.deadline = slot.deadline.min(until);
+                    slot.deadline = Some(slot.deadline.map_or(until, |d| d.min(until)));
                     self.arm_timer(key);
                 }
             }

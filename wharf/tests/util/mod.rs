@@ -50,13 +50,18 @@ pub struct Echo {
     pub closed: Arc<AtomicUsize>,
     pub reasons: Arc<Mutex<Vec<CloseReason>>>,
     pub ids: Arc<Mutex<Vec<ConnId>>>,
+    /// The peer address of each id in `ids`, in the same order.
+    pub peers: Arc<Mutex<Vec<std::net::SocketAddr>>>,
 }
 
 impl Handler for Echo {
     type State = ();
     fn on_open(&self, conn: &mut Conn<'_, ()>) -> wharf::Accept {
         self.opened.fetch_add(1, Ordering::SeqCst);
-        self.ids.lock().unwrap().push(conn.id());
+        // Both under one lock order: ids first, then peers.
+        let mut ids = self.ids.lock().unwrap();
+        ids.push(conn.id());
+        self.peers.lock().unwrap().push(conn.peer_addr());
         wharf::Accept::Yes
     }
     fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
