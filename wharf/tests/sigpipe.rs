@@ -1,0 +1,46 @@
+//! Writing to a reset peer never raises SIGPIPE, even when the host program
+//! has put SIGPIPE back to its default action (which kills the process).
+//! (One test in this file: it changes the process's signal disposition.)
+
+mod util;
+
+use std::io::Write;
+use std::time::Duration;
+
+use util::*;
+use wharf::{Conn, Handler};
+
+/// Answers every message with 1 MiB.
+struct Flood;
+
+impl Handler for Flood {
+    type State = ();
+    fn on_message(&self, conn: &mut Conn<'_, ()>, _msg: &[u8]) {
+        let _ = conn.send(&vec![1u8; 1 << 20]);
+    }
+}
+
+#[test]
+fn writes_to_reset_peers_do_not_raise_sigpipe() {
+    // SAFETY: sets the default disposition for SIGPIPE; no handler code.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    each_backend(|b| {
+        let server = b.threads(2).bind("127.0.0.1:0").unwrap().start(Flood).unwrap();
+        let addr = server.local_addr();
+        for _ in 0..50 {
+            let mut s = connect(addr);
+            write_frame(&mut s, b"go");
+            std::thread::sleep(Duration::from_millis(2));
+            let sock = socket2::Socket::from(s);
+            sock.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(sock); // RST while the server is still writing
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Still alive, still serving.
+        let mut s = connect(addr);
+        s.write_all(&frame(b"go")).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap().len(), 1 << 20);
+        drop(s);
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    });
+}
