@@ -413,7 +413,10 @@ pub(crate) fn peer_addr(socket: &Socket) -> io::Result<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod batch_tests {
     use super::SendBatch;
     use bytes::Bytes;
 

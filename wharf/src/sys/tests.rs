@@ -1,0 +1,109 @@
+//! Driver-level tests: each backend through the same contract.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use super::*;
+
+fn drivers() -> Vec<Driver> {
+    let config = |backend| DriverConfig {
+        recv_buffers: 4,
+        recv_buffer_size: 4096,
+        queue_depth: 64,
+        backend,
+    };
+    let mut v = vec![Driver::new(&config(Backend::Poll)).unwrap()];
+    #[cfg(target_os = "linux")]
+    v.push(Driver::new(&config(Backend::Uring)).unwrap());
+    v
+}
+
+/// A connected pair: (our side as a `Socket`, the peer).
+fn pair() -> (Socket, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (ours, _) = l.accept().unwrap();
+    (Socket::from(ours), peer)
+}
+
+/// Polls until `want` matches an event, for at most two seconds.
+fn wait_for(driver: &mut Driver, mut want: impl FnMut(&Event<'_>) -> bool) -> bool {
+    let mut seen = false;
+    for _ in 0..200 {
+        driver
+            .poll(Some(Duration::from_millis(10)), |e| seen |= want(&e))
+            .unwrap();
+        if seen {
+            return true;
+        }
+    }
+    false
+}
+
+/// A send on a socket whose writing side is shut fails with EPIPE: the
+/// condition that raises SIGPIPE unless every send says MSG_NOSIGNAL.
+#[test]
+fn a_send_after_our_fin_fails_with_epipe_and_raises_no_sigpipe() {
+    // SAFETY: sets the default disposition for SIGPIPE (terminate); no
+    // handler code runs. If a send raised the signal, this test binary
+    // would die, failing the run.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    for mut driver in drivers() {
+        let (ours, _peer) = pair();
+        shutdown_write(&ours);
+        let mut batch = Box::new(SendBatch {
+            bufs: vec![bytes::Bytes::from_static(b"after FIN")],
+            ..SendBatch::default()
+        });
+        driver.send(0, &ours, &mut batch);
+        let mut error = None;
+        assert!(wait_for(&mut driver, |e| match e {
+            Event::Sent { result, .. } => {
+                error = result.as_ref().err().and_then(|e| e.raw_os_error());
+                true
+            }
+            _ => false,
+        }));
+        assert_eq!(error, Some(libc::EPIPE));
+        assert_eq!(driver.in_flight(), 0);
+    }
+}
+
+/// Data followed at once by a reset: the receive reports the data and then
+/// ends with an error (or EOF); it never waits forever.
+#[test]
+fn data_then_reset_ends_the_receive() {
+    for mut driver in drivers() {
+        for _ in 0..50 {
+            let (ours, peer) = pair();
+            let peer = socket2::Socket::from(peer);
+            std::io::Write::write_all(&mut &peer, b"half a frame").unwrap();
+            peer.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(peer);
+            driver.recv(7, &ours);
+            let mut ended = false;
+            let mut rearm = false;
+            for _ in 0..200 {
+                driver
+                    .poll(Some(Duration::from_millis(10)), |e| match e {
+                        Event::RecvEnded {
+                            why: RecvEnd::Rearm | RecvEnd::NoBuffers,
+                            ..
+                        } => rearm = true,
+                        Event::RecvEnded { .. } => ended = true,
+                        _ => {}
+                    })
+                    .unwrap();
+                if rearm {
+                    rearm = false;
+                    driver.recv(7, &ours);
+                }
+                if ended {
+                    break;
+                }
+            }
+            assert!(ended, "a reset went unreported");
+            assert_eq!(driver.in_flight(), 0);
+        }
+    }
+}
