@@ -54,7 +54,9 @@ fn idle_connections_cost_under_a_kib_each() {
         eprintln!(
             "RSS {before} KiB -> {after} KiB with {IDLE} more idle connections: {per_conn:.0} bytes each (server and client sides together)"
         );
-        assert!(per_conn < 1024.0, "{per_conn:.0} bytes per idle connection");
+        if memory_bounds_apply("idle connections") {
+            assert!(per_conn < 1024.0, "{per_conn:.0} bytes per idle connection");
+        }
         drop(clients);
         server.shutdown(Duration::from_secs(5)).unwrap();
     });

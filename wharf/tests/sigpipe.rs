@@ -25,7 +25,12 @@ fn writes_to_reset_peers_do_not_raise_sigpipe() {
     // SAFETY: sets the default disposition for SIGPIPE; no handler code.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     each_backend(|b| {
-        let server = b.threads(2).bind("127.0.0.1:0").unwrap().start(Flood).unwrap();
+        let server = b
+            .threads(2)
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .start(Flood)
+            .unwrap();
         let addr = server.local_addr();
         for _ in 0..50 {
             let mut s = connect(addr);

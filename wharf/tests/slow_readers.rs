@@ -86,7 +86,9 @@ fn slow_readers(secs: u64) {
             stats.broadcast_skipped,
             received.load(Ordering::SeqCst)
         );
-        assert!(peak - base < bound_kib, "RSS grew by {} KiB", peak - base);
+        if memory_bounds_apply("slow readers") {
+            assert!(peak - base < bound_kib, "RSS grew by {} KiB", peak - base);
+        }
         assert!(
             stats.broadcast_skipped > 0,
             "the slow peers were never over their mark"

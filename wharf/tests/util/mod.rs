@@ -135,3 +135,16 @@ pub fn threads() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Whether RSS bounds mean anything in this run: under AddressSanitizer
+/// (`scripts/asan.sh` sets `WHARF_SANITIZER`) redzones, shadow memory and
+/// the quarantine inflate RSS, so such bounds are skipped, loudly.
+pub fn memory_bounds_apply(what: &str) -> bool {
+    match std::env::var("WHARF_SANITIZER") {
+        Ok(s) => {
+            eprintln!("SKIPPED the memory bound of {what}: running under the {s} sanitizer");
+            false
+        }
+        Err(_) => true,
+    }
+}
