@@ -28,7 +28,9 @@ impl ConnId {
         ConnId((loop_index as u64) << 56 | (slot as u64) << 32 | generation as u64)
     }
 
-    pub(crate) fn loop_index(self) -> usize {
+    /// The event loop (thread) the connection lives on, from 0 to the
+    /// server's thread count: handlers can shard their own data by it.
+    pub fn loop_index(self) -> usize {
         (self.0 >> 56) as usize
     }
 

@@ -101,7 +101,7 @@ fn timeouts(unit: Duration) {
         let idle_from = Instant::now();
         let idle_after = time_to_close(&mut active, idle_from);
         assert!(
-            idle_after < Duration::from_millis(2500),
+            idle_after < unit * 15 + Duration::from_secs(1),
             "idle close late: {idle_after:?}"
         );
         assert!(echo

@@ -52,7 +52,6 @@ impl<H: Handler> Core<H> {
             peer,
             phase,
             outbound,
-            counted: true,
             recv_armed: false,
             recv_cancelling: false,
             paused: false,
@@ -86,6 +85,7 @@ impl<H: Handler> Core<H> {
             // Refused: what on_open queued is still flushed; no on_close.
             self.shared().live.set_closed(key);
             self.counters.open -= 1;
+            self.counters.closed += 1;
             self.start_closing(key, true);
             return;
         }
@@ -444,10 +444,9 @@ impl<H: Handler> Core<H> {
         if slot.congested {
             self.shared().live.set_congested(key, false);
         }
-        if slot.counted {
-            let ip = (!slot.outbound).then(|| slot.peer.ip());
-            self.handle.shared.release(ip);
-        }
+        // Every slot was admitted under the caps (inbound per peer IP).
+        let ip = (!slot.outbound).then(|| slot.peer.ip());
+        self.handle.shared.release(ip);
         if let Some(mut batch) = slot.batch {
             batch.bufs.clear();
             batch.offset = 0;

@@ -62,8 +62,6 @@ struct Slot<S> {
     peer: SocketAddr,
     phase: Phase,
     outbound: bool,
-    /// Counted against `max_connections` (and, inbound, the per-IP cap).
-    counted: bool,
     /// A receive is in flight (it may write into ring buffers).
     recv_armed: bool,
     /// A cancel of the receive alone is on its way (pausing).

@@ -12,10 +12,14 @@ fn drivers() -> Vec<Driver> {
         queue_depth: 64,
         backend,
     };
-    let mut v = vec![Driver::new(&config(Backend::Poll)).unwrap()];
-    #[cfg(target_os = "linux")]
-    v.push(Driver::new(&config(Backend::Uring)).unwrap());
-    v
+    vec![
+        #[cfg(unix)]
+        Driver::new(&config(Backend::Poll)).unwrap(),
+        #[cfg(target_os = "linux")]
+        Driver::new(&config(Backend::Uring)).unwrap(),
+        #[cfg(windows)]
+        Driver::new(&config(Backend::Iocp)).unwrap(),
+    ]
 }
 
 /// A connected pair: (our side as a `Socket`, the peer).
@@ -47,7 +51,15 @@ fn a_send_after_our_fin_fails_with_epipe_and_raises_no_sigpipe() {
     // SAFETY: sets the default disposition for SIGPIPE (terminate); no
     // handler code runs. If a send raised the signal, this test binary
     // would die, failing the run.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL)
+    };
+    // Windows has no SIGPIPE: the send fails with WSAESHUTDOWN.
+    #[cfg(unix)]
+    let expected = libc::EPIPE;
+    #[cfg(windows)]
+    let expected = 10058;
     for mut driver in drivers() {
         let (ours, _peer) = pair();
         shutdown_write(&ours);
@@ -64,7 +76,7 @@ fn a_send_after_our_fin_fails_with_epipe_and_raises_no_sigpipe() {
             }
             _ => false,
         }));
-        assert_eq!(error, Some(libc::EPIPE));
+        assert_eq!(error, Some(expected));
         assert_eq!(driver.in_flight(), 0);
     }
 }

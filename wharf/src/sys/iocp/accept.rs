@@ -19,7 +19,7 @@ use windows_sys::Win32::Networking::WinSock::{
 use windows_sys::Win32::System::IO::{CancelIoEx, OVERLAPPED_ENTRY};
 
 use super::op::{last_wsa_error, Kind, Op, OpBox, StartsWithOp};
-use super::{raw, Done, Driver, Port};
+use super::{raw, Done, Driver};
 use crate::sys::windows::{Listener, Socket};
 use crate::sys::Event;
 
@@ -184,7 +184,7 @@ impl Driver {
             self.fill(listener);
         }
         match (result, socket) {
-            (Ok(_), Some(socket)) => match finish_accept(listen_socket, &socket, self.port()) {
+            (Ok(_), Some(socket)) => match finish_accept(listen_socket, &socket) {
                 Ok(()) => f(Event::Accepted { listener, socket }),
                 Err(e) => tracing::debug!(error = %e, "an accepted socket could not be set up"),
             },
@@ -241,9 +241,8 @@ fn post_accept(
 }
 
 /// Gives an accepted socket the listener's properties (so `getpeername`
-/// and `shutdown` work), makes it non-blocking for the reads after a
-/// zero-byte receive, and routes its completions to this loop's port.
-fn finish_accept(listen: SOCKET, socket: &Socket, port: &Port) -> io::Result<()> {
+/// and `shutdown` work). Its first receive or send routes it to the port.
+fn finish_accept(listen: SOCKET, socket: &Socket) -> io::Result<()> {
     // SAFETY: passes a pointer to a live SOCKET and its size, as
     // SO_UPDATE_ACCEPT_CONTEXT requires.
     let rc = unsafe {
@@ -258,6 +257,5 @@ fn finish_accept(listen: SOCKET, socket: &Socket, port: &Port) -> io::Result<()>
     if rc != 0 {
         return Err(last_wsa_error());
     }
-    socket.set_nonblocking(true)?;
-    port.associate(raw(socket))
+    Ok(())
 }

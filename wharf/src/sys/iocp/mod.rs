@@ -255,15 +255,24 @@ impl Driver {
             // Every ending queued here was counted in flight when started.
             self.in_flight -= 1;
             match done {
-                Done::Sent(slot, e) => f(Event::Sent {
-                    slot,
-                    result: Err(e),
-                }),
-                Done::RecvEnded(slot, why) => f(Event::RecvEnded { slot, why }),
-                Done::Connected(slot, e) => f(Event::Connected {
-                    slot,
-                    result: Err(e),
-                }),
+                Done::Sent(slot, e) => {
+                    self.settle(slot);
+                    f(Event::Sent {
+                        slot,
+                        result: Err(e),
+                    })
+                }
+                Done::RecvEnded(slot, why) => {
+                    self.settle(slot);
+                    f(Event::RecvEnded { slot, why })
+                }
+                Done::Connected(slot, e) => {
+                    self.settle(slot);
+                    f(Event::Connected {
+                        slot,
+                        result: Err(e),
+                    })
+                }
                 Done::AcceptEnded(listener) => {
                     let error = self.listeners[listener as usize].error.take();
                     f(Event::AcceptEnded { listener, error });

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::SockAddr;
 use windows_sys::core::GUID;
-use windows_sys::Win32::Foundation::{ERROR_IO_PENDING, HANDLE};
+use windows_sys::Win32::Foundation::{ERROR_INVALID_PARAMETER, ERROR_IO_PENDING, HANDLE};
 use windows_sys::Win32::Networking::WinSock::{
     recv, setsockopt, WSAIoctl, WSARecv, WSASend, LPFN_CONNECTEX,
     SIO_GET_EXTENSION_FUNCTION_POINTER, SOCKET, SOL_SOCKET, SO_UPDATE_CONNECT_CONTEXT, WSABUF,
@@ -86,23 +86,57 @@ impl SlotIo {
 }
 
 impl Driver {
-    fn slot(&mut self, slot: u32, socket: &Socket) -> &mut SlotIo {
+    /// The slot's state, with `socket` ready for its operations: routed to
+    /// this loop's port and non-blocking. That is done when the slot meets
+    /// a socket it does not know: the slot forgets its socket when its last
+    /// operation ends ([`Driver::settle`]), since the loop may close it then
+    /// and a new socket may get the same handle value.
+    fn slot(&mut self, slot: u32, socket: &Socket) -> io::Result<&mut SlotIo> {
         let i = slot as usize;
         while self.slots.len() <= i {
             let next = self.slots.len() as u32;
             self.slots.push(SlotIo::new(next));
         }
-        let io = &mut self.slots[i];
-        io.socket = raw(socket);
-        io
+        let s = raw(socket);
+        if self.slots[i].socket != s {
+            match self.port().associate(s) {
+                Ok(()) => {}
+                // Routed to this port already: a socket is associated once,
+                // and wharf never moves a socket between loops.
+                Err(e) if e.raw_os_error() == Some(ERROR_INVALID_PARAMETER as i32) => {}
+                Err(e) => return Err(e),
+            }
+            // For the reads that follow a zero-byte receive.
+            socket.set_nonblocking(true)?;
+            self.slots[i].socket = s;
+        }
+        Ok(&mut self.slots[i])
+    }
+
+    /// Forgets the slot's socket once nothing is in flight on it.
+    pub(super) fn settle(&mut self, slot: u32) {
+        let Some(io) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let connecting = io.connect.as_ref().is_some_and(|c| c.op().is_pending());
+        if !io.receiving && !io.recv.is_pending() && !io.send.is_pending() && !connecting {
+            io.socket = 0;
+        }
     }
 
     pub(crate) fn recv(&mut self, slot: u32, socket: &Socket) {
-        let io = self.slot(slot, socket);
+        self.in_flight += 1;
+        let io = match self.slot(slot, socket) {
+            Ok(io) => io,
+            Err(e) => {
+                self.done
+                    .push_back(Done::RecvEnded(slot, RecvEnd::Error(e)));
+                return;
+            }
+        };
         debug_assert!(!io.receiving, "a second receive on one slot");
         io.receiving = true;
         io.recv_cancelled = false;
-        self.in_flight += 1;
         self.post_zero_read(slot);
     }
 
@@ -209,13 +243,20 @@ impl Driver {
         if io.receiving {
             io.receiving = false;
             self.in_flight -= 1;
+            self.settle(slot);
             f(Event::RecvEnded { slot, why });
         }
     }
 
     pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
         self.in_flight += 1;
-        let io = self.slot(slot, socket);
+        let io = match self.slot(slot, socket) {
+            Ok(io) => io,
+            Err(e) => {
+                self.done.push_back(Done::Sent(slot, e));
+                return;
+            }
+        };
         let SendBatch { bufs, offset, os } = batch;
         os.bufs.clear();
         let mut total = 0;
@@ -267,6 +308,7 @@ impl Driver {
     ) {
         let result = self.slots[slot as usize].send.complete(entry);
         self.in_flight -= 1;
+        self.settle(slot);
         f(Event::Sent {
             slot,
             result: result.map(|n| n as usize),
@@ -287,15 +329,13 @@ impl Driver {
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
         socket.bind(&any.into())?;
-        socket.set_nonblocking(true)?;
-        self.port().associate(raw(socket))?;
         if self.connect_ex.is_none() {
             self.connect_ex = connect_ex(raw(socket))?;
         }
         let Some(connect_ex) = self.connect_ex else {
             return Err(io::Error::other("Winsock has no ConnectEx"));
         };
-        let io = self.slot(slot, socket);
+        let io = self.slot(slot, socket)?;
         let op = io.connect.get_or_insert_with(|| {
             OpBox::new(ConnectOp {
                 op: Op::new(Kind::Connect, slot),
@@ -363,6 +403,7 @@ impl Driver {
             }
         });
         self.in_flight -= 1;
+        self.settle(slot);
         f(Event::Connected { slot, result });
     }
 
