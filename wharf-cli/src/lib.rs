@@ -2,4 +2,6 @@
 //! command's own tests) may call directly.
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod bench;
 pub mod load;
+pub mod peers;

@@ -27,6 +27,12 @@ enum Command {
     Chat(chat::Args),
     /// Drive an echo server with load and check every echoed byte.
     Load(wharf_cli::load::Args),
+    /// Benchmark wharf against peer servers (tokio, std, monoio, raw
+    /// io_uring) and print the table; results go to target/wharf-bench/.
+    Bench(wharf_cli::bench::Args),
+    /// Serve as one of the servers `wharf bench` measures.
+    #[command(hide = true)]
+    Peer(wharf_cli::peers::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,8 @@ fn main() -> ExitCode {
         Command::Echo(args) => echo::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Load(args) => wharf_cli::load::cli(args),
+        Command::Bench(args) => wharf_cli::bench::cli(args),
+        Command::Peer(args) => wharf_cli::peers::cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,186 @@
+//! The `wharf bench` command line: options, presets, and where the
+//! results are written.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{chart, run, table, Plan, Results, Scenario};
+use crate::peers::ServerKind;
+
+/// Options of `wharf bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Run the whole matrix (sizes × connections, idle, broadcast) instead
+    /// of the quick preset.
+    #[arg(long)]
+    full: bool,
+    /// Servers to run, comma-separated [default: all this system has].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    servers: Vec<ServerKind>,
+    /// Rounds per scenario (each server once per round, interleaved).
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Seconds of each measuring window.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Seconds of load before each window.
+    #[arg(long, value_name = "SECS")]
+    warmup: Option<f64>,
+    /// Echo message sizes in bytes, comma-separated (replaces the preset's
+    /// scenarios, with --conns).
+    #[arg(long, value_delimiter = ',', value_name = "BYTES")]
+    sizes: Vec<usize>,
+    /// Echo connection counts, comma-separated (with --sizes).
+    #[arg(long, value_delimiter = ',', value_name = "N")]
+    conns: Vec<usize>,
+    /// Idle connections for the memory scenario (0: none) when --sizes or
+    /// --conns replace the preset.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    idle: usize,
+    /// Receivers of the broadcast scenario (0: none) when --sizes or
+    /// --conns replace the preset.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    broadcast: usize,
+    /// Do not pin the server and the load generator to CPUs 0 and 1.
+    #[arg(long)]
+    no_pin: bool,
+    /// Where results.json and chart.svg go [default: target/wharf-bench].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+impl Args {
+    /// The plan these options ask for, serving with the executable `exe`.
+    pub fn plan(&self, exe: PathBuf) -> Result<Plan, Box<dyn Error>> {
+        let mut plan = if self.full {
+            Plan::full(exe)
+        } else {
+            Plan::quick(exe)
+        };
+        if !self.sizes.is_empty() || !self.conns.is_empty() || self.idle > 0 || self.broadcast > 0 {
+            plan.preset = "custom".into();
+            plan.scenarios.clear();
+            let sizes = if self.sizes.is_empty() {
+                vec![64]
+            } else {
+                self.sizes.clone()
+            };
+            let conns = if self.conns.is_empty() {
+                vec![100]
+            } else {
+                self.conns.clone()
+            };
+            if !self.sizes.is_empty() || !self.conns.is_empty() {
+                for &size in &sizes {
+                    for &connections in &conns {
+                        plan.scenarios.push(Scenario::Echo { size, connections });
+                    }
+                }
+            }
+            if self.idle > 0 {
+                plan.scenarios.push(Scenario::Idle {
+                    connections: self.idle,
+                });
+            }
+            if self.broadcast > 0 {
+                plan.scenarios.push(Scenario::Broadcast {
+                    size: 1024,
+                    connections: self.broadcast,
+                });
+            }
+        }
+        if !self.servers.is_empty() {
+            if let Some(k) = self.servers.iter().find(|k| !k.available()) {
+                return Err(format!("{} is not available on this system", k.name()).into());
+            }
+            plan.servers = self.servers.clone();
+        }
+        if let Some(n) = self.rounds {
+            if n == 0 {
+                return Err("--rounds must be at least 1".into());
+            }
+            plan.rounds = n;
+            plan.idle_rounds = n;
+        }
+        let secs = |what: &str, s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|_| format!("bad --{what}: {s}"))
+        };
+        if let Some(d) = self.duration {
+            plan.duration = secs("duration", d)?;
+            if plan.duration.is_zero() {
+                return Err("--duration must be more than zero".into());
+            }
+        }
+        if let Some(w) = self.warmup {
+            plan.warmup = secs("warmup", w)?;
+        }
+        for s in &plan.scenarios {
+            let (size, n) = match *s {
+                Scenario::Echo { size, connections } => (size, connections),
+                Scenario::Idle { connections } => (64, connections),
+                Scenario::Broadcast { size, connections } => (size, connections),
+            };
+            if size == 0 || size > 1 << 20 || n == 0 {
+                return Err(format!("scenario {} cannot run", s.label()).into());
+            }
+        }
+        plan.pin = !self.no_pin;
+        Ok(plan)
+    }
+}
+
+/// `wharf bench`: runs the plan, prints the table, writes the JSON and the
+/// chart.
+pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let out = args.out.clone().unwrap_or_else(|| default_out(&exe));
+    let plan = args.plan(exe)?;
+    eprintln!(
+        "wharf bench ({}): {} scenarios × {} servers × {} rounds; results in {}",
+        plan.preset,
+        plan.scenarios.len(),
+        plan.servers.len(),
+        plan.rounds,
+        out.display()
+    );
+    let results = run(&plan);
+    println!("{}", table(&results));
+    write(&results, &out)?;
+    println!(
+        "wrote {} and {}",
+        out.join("results.json").display(),
+        out.join("chart.svg").display()
+    );
+    Ok(())
+}
+
+/// Writes `results.json` and `chart.svg` into `dir` (made if missing).
+pub fn write(results: &Results, dir: &Path) -> Result<(), Box<dyn Error>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let json = serde_json::to_string_pretty(results)? + "\n";
+    let put = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    put("results.json", &json)?;
+    put("chart.svg", &chart::render(results))?;
+    Ok(())
+}
+
+/// `wharf-bench/` in the cargo target directory this executable was built
+/// into (`CARGO_TARGET_DIR`, or `target/` above `target/release/wharf`),
+/// else `target/wharf-bench` under the current directory.
+fn default_out(exe: &Path) -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir).join("wharf-bench");
+    }
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .filter(|t| t.file_name().is_some_and(|n| n == "target"));
+    match target {
+        Some(t) => t.join("wharf-bench"),
+        None => PathBuf::from("target").join("wharf-bench"),
+    }
+}

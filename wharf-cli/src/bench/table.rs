@@ -1,0 +1,162 @@
+//! The table a person reads: one block per scenario, one row per server,
+//! medians and their ratios to wharf.
+
+use std::fmt::Write;
+
+use super::results::{count_label, Results, Scenario, ScenarioResult, Summary};
+
+/// The whole table, as printed at the end of `wharf bench`.
+pub fn render(results: &Results) -> String {
+    let m = &results.meta;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "wharf bench ({}): median of {} interleaved round{}, {:.1} s windows after {:.1} s warm-up",
+        m.preset,
+        m.rounds,
+        if m.rounds == 1 { "" } else { "s" },
+        m.duration_secs,
+        m.warmup_secs
+    );
+    let pin = match m.pinning {
+        Some(p) => format!(
+            "server pinned to CPU {}, load generator to CPU {}",
+            p.server_cpu, p.load_cpu
+        ),
+        None => "not pinned: server and load generator share the CPUs".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{} CPUs, kernel {}; {pin}; every server on 1 thread",
+        m.cpus,
+        m.kernel.as_deref().unwrap_or("?")
+    );
+    let _ = writeln!(
+        out,
+        "×wharf: the server's median over wharf-uring's (msg/s: higher is better; CPU/msg, memory, time: lower is better)"
+    );
+    for note in &m.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    for s in &results.scenarios {
+        out.push('\n');
+        scenario(&mut out, s);
+    }
+    out
+}
+
+fn scenario(out: &mut String, s: &ScenarioResult) {
+    let _ = writeln!(out, "{}: {}", s.scenario.label(), s.scenario.describe());
+    match s.scenario {
+        Scenario::Echo { .. } => {
+            let _ = writeln!(
+                out,
+                "  {:<13} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
+                "server",
+                "",
+                "msg/s",
+                "×wharf",
+                "p99 µs",
+                "CPU µs/msg",
+                "×wharf",
+                "srv%",
+                "load%",
+                "RSS MiB"
+            );
+            for x in &s.summary {
+                let m = &x.median;
+                let _ = write!(
+                    out,
+                    "  {:<13} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
+                    x.server.name(),
+                    x.server.framing(),
+                    num(m.messages_per_sec, 0),
+                    ratio(x.ratio.messages_per_sec),
+                    num(m.p99_us, 1),
+                    num(m.cpu_us_per_msg, 2),
+                    ratio(x.ratio.cpu_us_per_msg),
+                    num(m.server_cpu_pct, 0),
+                    num(m.load_cpu_pct, 0),
+                    num(m.rss_mib, 1),
+                );
+                failures(out, x);
+            }
+        }
+        Scenario::Idle { connections } => {
+            let _ = writeln!(
+                out,
+                "  {:<13} {:>12} {:>7} {:>12}",
+                "server", "B/conn", "×wharf", "RSS MiB"
+            );
+            for x in &s.summary {
+                let _ = write!(
+                    out,
+                    "  {:<13} {:>12} {:>7} {:>12}",
+                    x.server.name(),
+                    num(x.median.bytes_per_conn, 0),
+                    ratio(x.ratio.bytes_per_conn),
+                    num(x.median.rss_mib, 1),
+                );
+                failures(out, x);
+            }
+            let _ = writeln!(
+                out,
+                "  (B/conn = (RSS with {} idle connections − RSS before) / {}; kernel socket memory is not in RSS)",
+                count_label(connections),
+                count_label(connections)
+            );
+        }
+        Scenario::Broadcast { .. } => {
+            let _ = writeln!(
+                out,
+                "  {:<13} {:>12} {:>7} {:>14} {:>7} {:>7}",
+                "server", "ms to all", "×wharf", "CPU µs/deliv.", "×wharf", "RSS MiB"
+            );
+            for x in &s.summary {
+                let m = &x.median;
+                let _ = write!(
+                    out,
+                    "  {:<13} {:>12} {:>7} {:>14} {:>7} {:>7}",
+                    x.server.name(),
+                    num(m.fanout_ms, 2),
+                    ratio(x.ratio.fanout_ms),
+                    num(m.cpu_us_per_msg, 3),
+                    ratio(x.ratio.cpu_us_per_msg),
+                    num(m.rss_mib, 1),
+                );
+                failures(out, x);
+            }
+        }
+    }
+}
+
+/// Ends a row, saying how many runs failed and why.
+fn failures(out: &mut String, x: &Summary) {
+    if x.runs_ok < x.runs {
+        let why = x.error.as_deref().unwrap_or("?");
+        let _ = write!(
+            out,
+            "  [{} of {} runs failed: {why}]",
+            x.runs - x.runs_ok,
+            x.runs
+        );
+    }
+    out.push('\n');
+}
+
+/// A figure with thousands separators (for whole numbers) or `decimals`
+/// places; "n/a" when missing.
+fn num(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        None => "n/a".to_string(),
+        Some(v) if decimals == 0 && v >= 0.0 => count_label(v.round() as usize),
+        Some(v) => format!("{v:.decimals$}"),
+    }
+}
+
+fn ratio(v: Option<f64>) -> String {
+    match v {
+        None => "n/a".to_string(),
+        Some(v) => format!("{v:.2}"),
+    }
+}

@@ -1,0 +1,219 @@
+//! The servers `wharf bench` measures, wharf's and its peers', each run as
+//! its own process by the hidden `wharf peer KIND` subcommand.
+//!
+//! Every server speaks the same protocol: an echo of length-prefixed
+//! messages (4-byte big-endian length, then the body). The raw echoes
+//! (`tokio-raw`, `monoio`, `uring-raw`) send back the bytes as they come,
+//! which is byte for byte the same thing. With `--broadcast`, a server
+//! instead relays every message it receives to every connection it has
+//! (the sender too): wharf through [`wharf::Handle::broadcast`], the others
+//! with the obvious loop over their list of connections.
+//!
+//! The process prints the address it listens on as its first line of
+//! standard output, then serves until its standard input closes (the bench
+//! closes it, and so does the bench's death), so a stray server never
+//! outlives the run that started it.
+
+mod std_threads;
+mod tokio_echo;
+mod wharf_echo;
+
+#[cfg(target_os = "linux")]
+mod monoio_echo;
+#[cfg(target_os = "linux")]
+mod uring_echo;
+
+use std::error::Error;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+
+use serde::{Deserialize, Serialize};
+
+/// Receive buffer of the raw echoes, per connection: the size of one of
+/// wharf's pooled receive buffers.
+pub(crate) const RAW_BUFFER: usize = 16 * 1024;
+
+/// Accept backlog of the peers' listening sockets: deep enough that
+/// thousands of connects in a burst do not overflow it (std's is 128).
+const BACKLOG: i32 = 4096;
+
+/// A server `wharf bench` can run.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerKind {
+    /// wharf on io_uring, one loop (`wharf echo --backend uring --threads 1`).
+    WharfUring,
+    /// wharf on readiness polling (epoll), one loop.
+    WharfPoll,
+    /// tokio, current-thread runtime, tokio-util's `LengthDelimitedCodec`
+    /// through `Framed` (the baseline most Rust users would write).
+    TokioFramed,
+    /// tokio, current-thread runtime, read into a buffer and `write_all` it
+    /// back.
+    TokioRaw,
+    /// std, one blocking thread per connection, length-prefixed.
+    StdThreads,
+    /// monoio (io_uring, thread-per-core), one thread, raw echo.
+    Monoio,
+    /// A minimal io_uring echo on the io-uring crate alone: one thread,
+    /// multishot accept, one recv/send at a time per connection into a
+    /// fixed buffer. The stand-in for what the machine can do.
+    UringRaw,
+}
+
+impl ServerKind {
+    /// Every server this build can run, wharf's first.
+    pub fn all() -> Vec<ServerKind> {
+        let mut all = vec![
+            ServerKind::WharfUring,
+            ServerKind::WharfPoll,
+            ServerKind::TokioFramed,
+            ServerKind::TokioRaw,
+            ServerKind::StdThreads,
+            ServerKind::Monoio,
+            ServerKind::UringRaw,
+        ];
+        all.retain(|k| k.available());
+        all
+    }
+
+    /// Whether this build (this OS) has the server.
+    pub fn available(self) -> bool {
+        match self {
+            ServerKind::WharfUring | ServerKind::Monoio | ServerKind::UringRaw => {
+                cfg!(target_os = "linux")
+            }
+            ServerKind::WharfPoll => cfg!(unix),
+            ServerKind::TokioFramed | ServerKind::TokioRaw | ServerKind::StdThreads => true,
+        }
+    }
+
+    /// The name on the command line, in tables and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::WharfUring => "wharf-uring",
+            ServerKind::WharfPoll => "wharf-poll",
+            ServerKind::TokioFramed => "tokio-framed",
+            ServerKind::TokioRaw => "tokio-raw",
+            ServerKind::StdThreads => "std-threads",
+            ServerKind::Monoio => "monoio",
+            ServerKind::UringRaw => "uring-raw",
+        }
+    }
+
+    /// Whether it is one of wharf's own.
+    pub fn is_wharf(self) -> bool {
+        matches!(self, ServerKind::WharfUring | ServerKind::WharfPoll)
+    }
+
+    /// How it reads its input: framed (cuts messages) or raw (echoes bytes).
+    pub fn framing(self) -> &'static str {
+        match self {
+            ServerKind::WharfUring
+            | ServerKind::WharfPoll
+            | ServerKind::TokioFramed
+            | ServerKind::StdThreads => "framed",
+            ServerKind::TokioRaw | ServerKind::Monoio | ServerKind::UringRaw => "raw",
+        }
+    }
+}
+
+/// Options of the hidden `wharf peer` subcommand.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Which server.
+    #[arg(value_enum)]
+    kind: ServerKind,
+    /// Address to listen on (port 0 picks one; it is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+    /// Pin the whole process to this CPU (Linux).
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Relay every message to every connection instead of echoing it.
+    #[arg(long)]
+    broadcast: bool,
+}
+
+/// What a server does with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Echo,
+    Broadcast,
+}
+
+/// `wharf peer`: serves until standard input closes.
+pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
+    if let Some(cpu) = args.cpu {
+        // Before any thread starts, so that every thread inherits it.
+        crate::bench::os::pin_to_cpu(cpu).map_err(|e| format!("cannot pin to CPU {cpu}: {e}"))?;
+    }
+    if !args.kind.available() {
+        return Err(format!("{} is not available on this system", args.kind.name()).into());
+    }
+    let mode = if args.broadcast {
+        Mode::Broadcast
+    } else {
+        Mode::Echo
+    };
+    let ready = |addr: SocketAddr| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{addr}");
+        let _ = out.flush();
+        std::thread::spawn(exit_when_stdin_closes);
+    };
+    match args.kind {
+        ServerKind::WharfUring | ServerKind::WharfPoll => {
+            let server = wharf_echo::start(args.kind, args.addr, mode)?;
+            ready(server.local_addr());
+            exit_when_stdin_closes();
+            Ok(())
+        }
+        ServerKind::TokioFramed => tokio_echo::serve(listen(args.addr)?, mode, true, ready),
+        ServerKind::TokioRaw => tokio_echo::serve(listen(args.addr)?, mode, false, ready),
+        ServerKind::StdThreads => std_threads::serve(listen(args.addr)?, mode, ready),
+        #[cfg(target_os = "linux")]
+        ServerKind::Monoio => monoio_echo::serve(listen(args.addr)?, mode, ready),
+        #[cfg(target_os = "linux")]
+        ServerKind::UringRaw => uring_echo::serve(listen(args.addr)?, mode, ready),
+        #[cfg(not(target_os = "linux"))]
+        ServerKind::Monoio | ServerKind::UringRaw => unreachable!("checked by available()"),
+    }
+}
+
+/// Blocks until standard input reaches its end, then exits the process.
+fn exit_when_stdin_closes() {
+    let mut sink = [0u8; 64];
+    let mut stdin = std::io::stdin().lock();
+    while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+    std::process::exit(0);
+}
+
+/// A listening socket on `addr` with a deep backlog.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // Listening again on a listening socket only changes its backlog.
+        // SAFETY: the descriptor is open (owned by `listener`) for the call.
+        if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = BACKLOG;
+    Ok(listener)
+}
