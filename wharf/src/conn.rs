@@ -40,22 +40,20 @@ impl ConnCtl {
     /// Queues `msg` (copied) unless refused.
     pub(crate) fn send_copy(&mut self, msg: &[u8], high_water: usize) -> Result<(), SendError> {
         self.admit(high_water)?;
-        let before = self.out.len();
-        self.out
+        self.unsent += self
+            .out
             .push_copy(&mut self.writer, msg)
             .map_err(too_large)?;
-        self.unsent += self.out.len() - before;
         Ok(())
     }
 
     /// Queues `msg` (shared, not copied) unless refused.
     pub(crate) fn send_shared(&mut self, msg: Bytes, high_water: usize) -> Result<(), SendError> {
         self.admit(high_water)?;
-        let before = self.out.len();
-        self.out
+        self.unsent += self
+            .out
             .push_shared(&mut self.writer, msg)
             .map_err(too_large)?;
-        self.unsent += self.out.len() - before;
         Ok(())
     }
 

@@ -22,27 +22,34 @@ const TAIL_KEEP: usize = 64 * 1024;
 pub(crate) struct OutQueue {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
+    /// Bytes in `chunks`, kept so that `len` costs nothing per send.
+    in_chunks: usize,
 }
 
 impl OutQueue {
-    /// Encodes `msg` with `writer` and queues a copy.
+    /// Encodes `msg` with `writer` and queues a copy; returns the bytes
+    /// added.
     pub(crate) fn push_copy(
         &mut self,
         writer: &mut FrameReader,
         msg: &[u8],
-    ) -> Result<(), FrameError> {
-        writer.encode(msg, &mut self.tail)
+    ) -> Result<usize, FrameError> {
+        let before = self.len();
+        writer.encode(msg, &mut self.tail)?;
+        Ok(self.len() - before)
     }
 
-    /// Queues `body` without copying it, after the framing's header.
+    /// Queues `body` without copying it, after the framing's header;
+    /// returns the bytes added.
     pub(crate) fn push_shared(
         &mut self,
         writer: &mut FrameReader,
         body: Bytes,
-    ) -> Result<(), FrameError> {
+    ) -> Result<usize, FrameError> {
         if writer.is_custom() {
-            return writer.encode(&body, &mut self.tail);
+            return self.push_copy(writer, &body);
         }
+        let before = self.len();
         if let Some((header, n)) = writer.shared_header(body.len())? {
             self.tail.extend_from_slice(&header[..n]);
         }
@@ -51,19 +58,22 @@ impl OutQueue {
             self.tail.extend_from_slice(&body);
         } else {
             self.seal();
+            self.in_chunks += body.len();
             self.chunks.push_back(body);
         }
-        Ok(())
+        Ok(self.len() - before)
     }
 
     /// Queues bytes that are already in wire form (an encoded broadcast).
     pub(crate) fn push_encoded(&mut self, wire: Bytes) {
         self.seal();
+        self.in_chunks += wire.len();
         self.chunks.push_back(wire);
     }
 
     fn seal(&mut self) {
         if !self.tail.is_empty() {
+            self.in_chunks += self.tail.len();
             self.chunks.push_back(self.tail.split().freeze());
         }
     }
@@ -74,7 +84,7 @@ impl OutQueue {
 
     /// Bytes queued and not yet handed to a send.
     pub(crate) fn len(&self) -> usize {
-        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.tail.len()
+        self.in_chunks + self.tail.len()
     }
 
     /// Moves queued buffers into `batch`, in order.
@@ -82,8 +92,12 @@ impl OutQueue {
         self.seal();
         while batch.bufs.len() < BATCH_BUFS {
             match self.chunks.pop_front() {
-                Some(b) if b.is_empty() => continue,
-                Some(b) => batch.bufs.push(b),
+                Some(b) => {
+                    self.in_chunks -= b.len();
+                    if !b.is_empty() {
+                        batch.bufs.push(b);
+                    }
+                }
                 None => break,
             }
         }
@@ -95,6 +109,7 @@ impl OutQueue {
     /// Drops everything queued (the connection failed).
     pub(crate) fn clear(&mut self) {
         self.chunks.clear();
+        self.in_chunks = 0;
         self.tail = BytesMut::new();
     }
 }
