@@ -50,8 +50,10 @@ for line in open(sys.argv[1]):
         m = json.loads(line)
     except ValueError:
         continue
+    # The integration tests and the library's own unit tests (which
+    # include driver-level tests of the backend).
     if (m.get("reason") == "compiler-artifact" and m.get("executable")
-            and m["target"]["kind"] == ["test"]):
+            and m["profile"]["test"] and m["target"]["kind"] in (["test"], ["lib"])):
         print(m["executable"])
 PY
 )
@@ -104,7 +106,7 @@ if [[ ! -f "$WINEPREFIX/system.reg" ]]; then
 fi
 
 # --- the integration suite --------------------------------------------------
-section "integration tests under Wine (IOCP backend)"
+section "unit and integration tests under Wine (IOCP backend)"
 passed=0
 failed=0
 ignored=0

@@ -94,7 +94,11 @@ fn churn(secs: u64) {
         let t = Instant::now();
         let cycles = run(Duration::from_secs(secs));
         settle("churn settled");
-        wait_until(10, "descriptors back", || open_fds() == fds);
+        if cfg!(windows) {
+            eprintln!("SKIPPED the descriptor count on Windows: it reads /proc/self/fd");
+        } else {
+            wait_until(10, "descriptors back", || open_fds() == fds);
+        }
         let rss_after = rss_kib();
         let (opened, closed) = (
             echo.opened.load(Ordering::SeqCst),

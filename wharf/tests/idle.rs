@@ -14,14 +14,6 @@ const IDLE: usize = 9_000;
 
 #[test]
 fn idle_connections_cost_under_a_kib_each() {
-    if cfg!(windows) {
-        eprintln!(
-            "SKIPPED: idle_connections_cost_under_a_kib_each: it reads the RSS from \
-             /proc/self/status, which Windows does not have (under Wine it reads Wine's \
-             own process, whose per-socket overhead is Wine's, not wharf's)"
-        );
-        return;
-    }
     each_backend(|b| {
         let server = b
             .threads(2)

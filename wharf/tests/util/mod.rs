@@ -140,6 +140,10 @@ pub fn threads() -> usize {
 /// (`scripts/asan.sh` sets `WHARF_SANITIZER`) redzones, shadow memory and
 /// the quarantine inflate RSS, so such bounds are skipped, loudly.
 pub fn memory_bounds_apply(what: &str) -> bool {
+    if cfg!(windows) {
+        eprintln!("SKIPPED the memory bound of {what} on Windows: it reads /proc/self/status");
+        return false;
+    }
     match std::env::var("WHARF_SANITIZER") {
         Ok(s) => {
             eprintln!("SKIPPED the memory bound of {what}: running under the {s} sanitizer");
