@@ -90,7 +90,7 @@ pub fn render(results: &Results) -> String {
         .collect();
     let group_w = servers.len().max(1) as f64 * (BAR + BAR_GAP) - BAR_GAP;
     let most_groups = panels.iter().map(|(_, g)| g.len()).max().unwrap_or(1);
-    let width = (LEFT + RIGHT + most_groups as f64 * (group_w + GROUP_GAP)).max(1000.0);
+    let width = (LEFT + RIGHT + most_groups as f64 * (group_w + GROUP_GAP)).max(820.0);
     let panel_h = PANEL_TOP + PLOT + PANEL_BOTTOM;
     let height = HEADER + panels.len() as f64 * panel_h + 10.0;
 

@@ -81,6 +81,16 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
                 );
                 failures(out, x);
             }
+            let client_bound = s
+                .summary
+                .iter()
+                .any(|x| x.median.load_cpu_pct.is_some_and(|p| p >= 90.0));
+            if client_bound {
+                let _ = writeln!(
+                    out,
+                    "  (load% near 100: the load generator's core is the limit there; compare CPU µs/msg)"
+                );
+            }
         }
         Scenario::Idle { connections } => {
             let _ = writeln!(
