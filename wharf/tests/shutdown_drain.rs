@@ -95,10 +95,12 @@ fn shutdown_drains_to_readers_and_keeps_its_deadline() {
             r.join().unwrap();
         }
         eprintln!("shutdown with {READERS} x {MESSAGES} queued and one peer that never reads took {took:?}");
-        assert!(
-            took < deadline + Duration::from_secs(1),
-            "shutdown overran its deadline: {took:?}"
-        );
+        if timing_bounds_apply("shutdown with a peer that never reads") {
+            assert!(
+                took < deadline + Duration::from_secs(1),
+                "shutdown overran its deadline: {took:?}"
+            );
+        }
         drop(never);
     });
 }
