@@ -37,6 +37,8 @@ pub(crate) enum BackendArg {
     Uring,
     /// Readiness polling (epoll, kqueue).
     Poll,
+    /// I/O completion ports (Windows).
+    Iocp,
 }
 
 impl ServeArgs {
@@ -46,6 +48,7 @@ impl ServeArgs {
             BackendArg::Auto => Backend::Auto,
             BackendArg::Uring => Backend::Uring,
             BackendArg::Poll => Backend::Poll,
+            BackendArg::Iocp => Backend::Iocp,
         });
         let builder = match self.threads {
             Some(n) => builder.threads(n.into()),
