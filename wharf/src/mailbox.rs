@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::id::ConnId;
-use crate::sys::Waker;
+use crate::sys::{Socket, Waker};
 
 /// Something another thread asks a loop to do.
 pub(crate) enum Command {
@@ -21,6 +21,9 @@ pub(crate) enum Command {
     Disconnect(ConnId),
     /// Open an outbound connection.
     Connect(SocketAddr),
+    /// Take over a connection another loop accepted (loops that share one
+    /// listening socket spread their accepts this way).
+    Adopt(Socket),
     /// Stop accepting, flush and close everything, exit by the deadline.
     Shutdown(Instant),
 }

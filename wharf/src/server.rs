@@ -259,6 +259,13 @@ impl Builder {
         // One listener per loop and address, sharing the port.
         let mut per_loop: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
+        // Loops sharing one socket accept whenever they are awake, which can
+        // leave a loop without connections: they spread them instead.
+        let spread_accepts = threads > 1
+            && self
+                .listeners
+                .iter()
+                .any(|(_, _, share)| *share == Share::Alone || !sys::KERNEL_SPREADS_GROUPS);
         for (addr, first, share) in self.listeners {
             local_addrs.push(addr);
             for listeners in per_loop.iter_mut().skip(1) {
@@ -304,6 +311,7 @@ impl Builder {
                 framing: self.framing.clone(),
                 socket_options: self.socket_options,
                 limits: self.limits,
+                spread_accepts,
             };
             let handler = handler.clone();
             let handle = handle.clone();

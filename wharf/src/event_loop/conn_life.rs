@@ -11,11 +11,26 @@ use crate::conn::{Conn, ConnCtl};
 use crate::error::CloseReason;
 use crate::handler::{Accept, Handler};
 use crate::id::{next_generation, ConnId};
+use crate::mailbox::Command;
 use crate::sys::{self, Driver, RecvEnd, Socket};
 use crate::timer::{Entry, TICK};
 
 impl<H: Handler> Core<H> {
     pub(super) fn accepted(&mut self, _listener: u32, socket: Socket) {
+        let loops = &self.handle.shared.loops;
+        if self.spread_accepts && self.shutdown.is_none() {
+            let target = self.next_adopter % loops.len();
+            self.next_adopter = self.next_adopter.wrapping_add(1);
+            if target != self.index {
+                loops[target].mailbox.post(Command::Adopt(socket));
+                return;
+            }
+        }
+        self.adopt(socket);
+    }
+
+    /// Makes an accepted connection one of this loop's.
+    pub(super) fn adopt(&mut self, socket: Socket) {
         if self.shutdown.is_some() {
             self.counters.refused += 1;
             return; // dropping the socket closes it

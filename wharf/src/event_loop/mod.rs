@@ -37,6 +37,9 @@ pub(crate) struct LoopConfig {
     pub(crate) framing: Framing,
     pub(crate) socket_options: sys::SocketOptions,
     pub(crate) limits: Limits,
+    /// The loops share listening sockets whose accepts the kernel does not
+    /// spread: hand accepted connections round-robin to every loop.
+    pub(crate) spread_accepts: bool,
 }
 
 /// How long accepting pauses after an error such as EMFILE.
@@ -136,6 +139,9 @@ struct Core<H: Handler> {
     framing: Framing,
     socket_options: sys::SocketOptions,
     limits: Limits,
+    spread_accepts: bool,
+    /// The loop the next accepted connection goes to, when spreading.
+    next_adopter: usize,
     conns: Slab<Slot<H::State>>,
     /// The last generation given out per slot, kept across reuse.
     generations: Vec<u32>,
@@ -190,6 +196,8 @@ impl<H: Handler> EventLoop<H> {
                 handle,
                 framing: config.framing,
                 socket_options: config.socket_options,
+                spread_accepts: config.spread_accepts,
+                next_adopter: config.index,
                 limits: config.limits,
                 conns: Slab::new(),
                 generations: Vec::new(),
@@ -316,6 +324,7 @@ impl<H: Handler> Core<H> {
                     }
                 }
                 Command::Connect(addr) => self.connect(driver, addr),
+                Command::Adopt(socket) => self.adopt(socket),
                 Command::Shutdown(until) => self.begin_shutdown(driver, until),
             }
         }

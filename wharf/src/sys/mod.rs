@@ -392,6 +392,11 @@ pub(crate) fn shutdown_write(socket: &Socket) {
     os::shutdown_write(socket)
 }
 
+/// Whether the kernel spreads new connections across a group of listeners
+/// sharing a port (SO_REUSEPORT on Unix). On Windows a "group" is one
+/// socket whose accepts complete on one loop's port.
+pub(crate) const KERNEL_SPREADS_GROUPS: bool = cfg!(unix);
+
 /// Options applied to every accepted or connected socket.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SocketOptions {
