@@ -83,10 +83,9 @@ impl LiveTable {
     pub(crate) fn new(len: usize) -> LiveTable {
         let zeros: Box<[u64]> = vec![0u64; len].into_boxed_slice();
         let raw = Box::into_raw(zeros) as *mut [AtomicU64];
-        // SAFETY: `AtomicU64` has the same size, alignment and bit validity
-        // as `u64` on every platform that has it (std documents it), so the
-        // zeroed allocation is a valid `[AtomicU64]` of the same layout and
-        // may be freed as one.
+        // SAFETY: `AtomicU64` has the size, alignment and bit validity of
+        // `u64` (std documents it): the zeroed allocation is a valid
+        // `[AtomicU64]` of the same layout, and may be freed as one.
         let slots = unsafe { Box::from_raw(raw) };
         LiveTable { slots }
     }

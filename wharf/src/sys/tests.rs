@@ -48,10 +48,9 @@ fn wait_for(driver: &mut Driver, mut want: impl FnMut(&Event<'_>) -> bool) -> bo
 /// condition that raises SIGPIPE unless every send says MSG_NOSIGNAL.
 #[test]
 fn a_send_after_our_fin_fails_with_epipe_and_raises_no_sigpipe() {
-    // SAFETY: sets the default disposition for SIGPIPE (terminate); no
-    // handler code runs. If a send raised the signal, this test binary
-    // would die, failing the run.
+    // If a send raised SIGPIPE, this test binary would die, failing the run.
     #[cfg(unix)]
+    // SAFETY: sets SIGPIPE's default disposition (terminate); no handler.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL)
     };

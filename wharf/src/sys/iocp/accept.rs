@@ -212,10 +212,9 @@ fn post_accept(
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     let (overlapped, _) = op.start(listen, listener);
     let mut received = 0u32;
-    // SAFETY: the address buffer and the OVERLAPPED live in the pool's heap
-    // allocation, which is neither moved nor freed while the accept is
-    // pending (see `op.rs`); the accept socket is kept in the same place
-    // until the completion; no data is asked for (length 0).
+    // SAFETY: the address buffer, the OVERLAPPED and the accept socket stay
+    // in the pool's heap block, neither moved nor freed while the accept is
+    // pending (see `op.rs`); no data is asked for (length 0).
     let ok = unsafe {
         AcceptEx(
             listen,

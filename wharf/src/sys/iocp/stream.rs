@@ -274,9 +274,8 @@ impl Driver {
             }
         }
         let (overlapped, _) = io.send.start(io.socket, slot);
-        // SAFETY: the contract of `send`: the batch (its buffers and the
-        // WSABUF array) is neither moved nor touched until its `Sent`
-        // event; the OVERLAPPED lives in the slot's send operation, which is
+        // SAFETY: `send`'s contract keeps the batch (buffers, WSABUFs) in
+        // place until `Sent`; the OVERLAPPED lives in the slot's send op,
         // not freed while pending. Winsock only reads the buffers.
         let rc = unsafe {
             WSASend(
