@@ -6,9 +6,9 @@ use bytes::Bytes;
 
 use crate::codec::{FrameError, FrameReader};
 use crate::error::{CloseReason, SendError};
+use crate::handle::Handle;
 use crate::id::ConnId;
 use crate::sendq::OutQueue;
-use crate::server::Handle;
 
 /// The part of a connection's slot that sending and closing touch; the loop
 /// owns it, a `Conn` borrows it during a callback.
@@ -77,9 +77,7 @@ impl ConnCtl {
 fn too_large(e: FrameError) -> SendError {
     match e {
         FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
-        // A user codec refusing to encode is reported the same way: the
-        // message cannot be carried by this framing.
-        FrameError::Invalid(_) => SendError::TooLarge { len: 0, max: 0 },
+        FrameError::Invalid(why) => SendError::Encode(why),
     }
 }
 

@@ -4,6 +4,7 @@ use std::io;
 
 /// Why a send was refused. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// The connection is closed (or closing): the id is stale.
     #[error("connection closed")]
@@ -23,6 +24,14 @@ pub enum SendError {
     /// The server is shutting down or gone.
     #[error("server stopped")]
     Stopped,
+    /// The connection's event loop failed (its driver returned an error)
+    /// and closed every connection it had.
+    #[error("the connection's event loop failed")]
+    LoopFailed,
+    /// The framing's codec could not encode the message; nothing of it was
+    /// queued.
+    #[error("the codec refused the message: {0}")]
+    Encode(String),
 }
 
 /// Why a connection closed; given once to `Handler::on_close`.
@@ -58,6 +67,11 @@ pub enum CloseReason {
     /// The peer was over its high-water mark when a broadcast came, and the
     /// server closes such peers (`Builder::close_slow_broadcast_peers`).
     SlowPeer,
+    /// A handler callback panicked for this connection. The panic was
+    /// contained: the loop and its other connections go on.
+    HandlerPanic,
+    /// The connection's event loop failed (its driver returned an error).
+    LoopFailed,
 }
 
 /// Why [`Server::shutdown`](crate::Server::shutdown) could not finish cleanly.

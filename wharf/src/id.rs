@@ -6,45 +6,74 @@
 //! compares it, so a stale id fails with `Closed` instead of reaching the
 //! connection that took its place.
 
+use std::alloc::{self, Layout};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-/// The identity of one connection, unique for the life of its server.
+/// The identity of one connection, unique for the life of its process.
 ///
 /// Ids are cheap to copy and may be kept after the connection closes: using
-/// such an id fails with [`SendError::Closed`](crate::SendError::Closed).
+/// such an id fails with [`SendError::Closed`](crate::SendError::Closed),
+/// and so does an id of another `Server` of the same process. A slot's
+/// generation has 63 bits and is never reused, so a stale id could reach a
+/// new connection only after 2^63 connections in one slot (at 100,000 a
+/// second, millions of years).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(u64);
+pub struct ConnId {
+    /// The server's tag (see `next_server_tag`).
+    server: u32,
+    /// Loop index in the high 8 bits, slot in the low 24.
+    place: u32,
+    generation: u64,
+}
 
 const SLOT_BITS: u32 = 24;
 /// Most slots (connections at once) one loop can hold.
 pub(crate) const MAX_SLOTS: usize = 1 << SLOT_BITS;
 /// Most loops one server can run.
 pub(crate) const MAX_LOOPS: usize = 256;
+/// Generations stay below this (the live table keeps a flag above them).
+const MAX_GENERATION: u64 = (1 << 63) - 1;
+
+/// A tag for a new server, different from every other server's in this
+/// process (until 2^32 servers have been started).
+pub(crate) fn next_server_tag() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 impl ConnId {
-    pub(crate) fn new(loop_index: usize, slot: u32, generation: u32) -> ConnId {
+    pub(crate) fn new(server: u32, loop_index: usize, slot: u32, generation: u64) -> ConnId {
         debug_assert!(loop_index < MAX_LOOPS && (slot as usize) < MAX_SLOTS);
-        ConnId((loop_index as u64) << 56 | (slot as u64) << 32 | generation as u64)
+        ConnId {
+            server,
+            place: (loop_index as u32) << SLOT_BITS | slot,
+            generation,
+        }
     }
 
     /// The event loop (thread) the connection lives on, from 0 to the
     /// server's thread count: handlers can shard their own data by it.
     pub fn loop_index(self) -> usize {
-        (self.0 >> 56) as usize
+        (self.place >> SLOT_BITS) as usize
     }
 
     pub(crate) fn slot(self) -> u32 {
-        ((self.0 >> 32) as u32) & (MAX_SLOTS as u32 - 1)
+        self.place & (MAX_SLOTS as u32 - 1)
     }
 
-    pub(crate) fn generation(self) -> u32 {
-        self.0 as u32
+    pub(crate) fn generation(self) -> u64 {
+        self.generation
     }
 
-    /// The id as one number (for logs and maps).
-    pub fn as_u64(self) -> u64 {
-        self.0
+    pub(crate) fn server(self) -> u32 {
+        self.server
+    }
+
+    /// The id as one number (for logs and maps): server, loop, slot and
+    /// generation.
+    pub fn as_u128(self) -> u128 {
+        (self.server as u128) << 96 | (self.place as u128) << 64 | self.generation as u128
     }
 }
 
@@ -52,10 +81,11 @@ impl fmt::Debug for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ConnId({}:{}:{})",
+            "ConnId({}:{}:{}:{})",
+            self.server,
             self.loop_index(),
             self.slot(),
-            self.generation()
+            self.generation
         )
     }
 }
@@ -69,29 +99,52 @@ impl fmt::Display for ConnId {
 /// The generation of the open connection in each slot of one loop (0: none)
 /// and whether its send queue is over the high-water mark, readable from any
 /// thread so that `Handle::send` can refuse a stale id or a congested peer
-/// at once. Only the loop writes it: when a connection opens, closes, or
-/// crosses its water marks; never per message.
+/// at once; and the bytes other threads have posted to each slot that the
+/// loop has not taken yet. Only the loop writes the first: when a
+/// connection opens, closes, or crosses its water marks; never per message.
 pub(crate) struct LiveTable {
     slots: Box<[AtomicU64]>,
+    posted: Box<[AtomicUsize]>,
 }
 
-const CONGESTED: u64 = 1 << 32;
+const CONGESTED: u64 = 1 << 63;
+
+/// A zeroed boxed slice of `len` atomics, from `alloc_zeroed`: the kernel
+/// maps it lazily, so untouched slots cost no resident memory.
+fn zeroed<T>(len: usize) -> Box<[T]> {
+    let layout = Layout::array::<T>(len).expect("a table of slots fits in memory");
+    if layout.size() == 0 {
+        // SAFETY: a dangling, aligned pointer is a valid empty slice.
+        return unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                std::ptr::NonNull::<T>::dangling().as_ptr(),
+                0,
+            ))
+        };
+    }
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of
+    // `[T; len]` (so the box frees it with the same layout), and is aligned
+    // for `T`. It is used only with `T` = `AtomicU64` or `AtomicUsize`, for
+    // which all-zero bytes are a valid value (0).
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
+}
 
 impl LiveTable {
-    /// A table for `len` slots. It is zero-filled memory that the kernel maps
-    /// lazily, so untouched slots cost no resident memory.
+    /// A table for `len` slots.
     pub(crate) fn new(len: usize) -> LiveTable {
-        let zeros: Box<[u64]> = vec![0u64; len].into_boxed_slice();
-        let raw = Box::into_raw(zeros) as *mut [AtomicU64];
-        // SAFETY: `AtomicU64` has the size, alignment and bit validity of
-        // `u64` (std documents it): the zeroed allocation is a valid
-        // `[AtomicU64]` of the same layout, and may be freed as one.
-        let slots = unsafe { Box::from_raw(raw) };
-        LiveTable { slots }
+        LiveTable {
+            slots: zeroed::<AtomicU64>(len),
+            posted: zeroed::<AtomicUsize>(len),
+        }
     }
 
-    pub(crate) fn set_open(&self, slot: u32, generation: u32) {
-        self.slots[slot as usize].store(generation as u64, Ordering::Release);
+    pub(crate) fn set_open(&self, slot: u32, generation: u64) {
+        self.slots[slot as usize].store(generation, Ordering::Release);
     }
 
     pub(crate) fn set_congested(&self, slot: u32, congested: bool) {
@@ -111,7 +164,28 @@ impl LiveTable {
     /// if so whether it is congested.
     pub(crate) fn state(&self, id: ConnId) -> Option<bool> {
         let v = self.slots.get(id.slot() as usize)?.load(Ordering::Acquire);
-        (v as u32 == id.generation() && id.generation() != 0).then_some(v & CONGESTED != 0)
+        (v & !CONGESTED == id.generation() && id.generation() != 0).then_some(v & CONGESTED != 0)
+    }
+
+    /// Counts `len` bytes posted to `slot` by another thread, unless what
+    /// is in transit is already over `limit`.
+    pub(crate) fn post(&self, slot: u32, len: usize, limit: usize) -> bool {
+        let p = &self.posted[slot as usize];
+        if p.fetch_add(len, Ordering::AcqRel) > limit {
+            p.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// The loop took `len` posted bytes of `slot`.
+    pub(crate) fn unpost(&self, slot: u32, len: usize) {
+        self.posted[slot as usize].fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// Bytes in transit to `slot`.
+    pub(crate) fn posted(&self, slot: u32) -> usize {
+        self.posted[slot as usize].load(Ordering::Acquire)
     }
 
     #[cfg(test)]
@@ -121,10 +195,11 @@ impl LiveTable {
 }
 
 /// Hands out a slot's next generation: never 0 (which means "closed").
-pub(crate) fn next_generation(g: u32) -> u32 {
-    match g.wrapping_add(1) {
-        0 => 1,
-        n => n,
+pub(crate) fn next_generation(g: u64) -> u64 {
+    if g >= MAX_GENERATION {
+        1
+    } else {
+        g + 1
     }
 }
 
@@ -134,28 +209,46 @@ mod tests {
 
     #[test]
     fn id_round_trips_its_parts() {
-        let id = ConnId::new(255, MAX_SLOTS as u32 - 1, u32::MAX);
+        let id = ConnId::new(u32::MAX, 255, MAX_SLOTS as u32 - 1, MAX_GENERATION);
         assert_eq!(
-            (id.loop_index(), id.slot(), id.generation()),
-            (255, MAX_SLOTS as u32 - 1, u32::MAX)
+            (id.server(), id.loop_index(), id.slot(), id.generation()),
+            (u32::MAX, 255, MAX_SLOTS as u32 - 1, MAX_GENERATION)
         );
-        let id = ConnId::new(3, 17, 9);
+        let id = ConnId::new(1, 3, 17, 9);
         assert_eq!((id.loop_index(), id.slot(), id.generation()), (3, 17, 9));
+        assert_ne!(id, ConnId::new(2, 3, 17, 9), "another server's id differs");
+        assert_ne!(next_server_tag(), next_server_tag());
     }
 
     #[test]
     fn stale_generation_is_not_open() {
         let t = LiveTable::new(4);
+        let id = |slot, g| ConnId::new(1, 0, slot, g);
         t.set_open(2, 7);
-        assert!(t.is_open(ConnId::new(0, 2, 7)));
-        assert!(!t.is_open(ConnId::new(0, 2, 6)));
+        assert!(t.is_open(id(2, 7)));
+        assert!(!t.is_open(id(2, 6)));
         t.set_congested(2, true);
-        assert_eq!(t.state(ConnId::new(0, 2, 7)), Some(true));
+        assert_eq!(t.state(id(2, 7)), Some(true));
         t.set_congested(2, false);
-        assert_eq!(t.state(ConnId::new(0, 2, 7)), Some(false));
+        assert_eq!(t.state(id(2, 7)), Some(false));
         t.set_closed(2);
-        assert!(!t.is_open(ConnId::new(0, 2, 7)));
-        assert!(!t.is_open(ConnId::new(0, 9, 7)), "out of range is closed");
-        assert_eq!(next_generation(u32::MAX), 1);
+        assert!(!t.is_open(id(2, 7)));
+        assert!(!t.is_open(id(9, 7)), "out of range is closed");
+        t.set_open(3, MAX_GENERATION);
+        t.set_congested(3, true);
+        assert_eq!(t.state(id(3, MAX_GENERATION)), Some(true));
+        assert_eq!(next_generation(MAX_GENERATION), 1);
+        assert_eq!(next_generation(u32::MAX as u64), u32::MAX as u64 + 1);
+    }
+
+    #[test]
+    fn posted_bytes_are_bounded_and_given_back() {
+        let t = LiveTable::new(2);
+        assert!(t.post(1, 100, 150));
+        assert!(t.post(1, 100, 150), "admitted while at or under the limit");
+        assert!(!t.post(1, 1, 150), "refused once over it");
+        assert_eq!(t.posted(1), 200);
+        t.unpost(1, 200);
+        assert!(t.post(1, 1, 150));
     }
 }

@@ -27,10 +27,13 @@
 #![deny(unsafe_op_in_unsafe_fn, missing_docs, rust_2018_idioms)]
 #![warn(unreachable_pub)]
 
+mod backend;
+mod builder;
 mod codec;
 mod conn;
 mod error;
 mod event_loop;
+mod handle;
 mod handler;
 mod id;
 mod limits;
@@ -40,13 +43,16 @@ mod server;
 mod sys;
 mod timer;
 
+pub use backend::Backend;
+pub use builder::Builder;
 pub use bytes::Bytes;
 pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed};
 pub use conn::Conn;
 pub use error::{CloseReason, SendError, ShutdownError};
+pub use handle::{Handle, Stats};
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
-pub use server::{Backend, Builder, Handle, Server, Stats};
+pub use server::Server;
 
 /// Thin public wrappers over crate-private items, for the cargo-fuzz targets
 /// in `fuzz/` (cargo fuzz builds with `--cfg fuzzing`). Not part of the API.

@@ -18,6 +18,26 @@ pub(crate) struct Limits {
     pub(crate) close_slow_broadcast_peers: bool,
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_ip: Option<usize>,
+    /// Leading bits of an IPv6 address counted as one client by the
+    /// per-IP cap.
+    pub(crate) ipv6_prefix: u8,
+}
+
+/// The address the per-IP cap counts `ip` under: an IPv4 address (or an
+/// IPv4-mapped IPv6 one, as a dual-stack listener sees IPv4 clients) as
+/// itself, an IPv6 address by its first `prefix` bits.
+fn cap_key(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+        },
+    }
 }
 
 /// Open connections, counted across loops. Touched once per connect and
@@ -38,7 +58,7 @@ impl ConnCounter {
         }
         if let (Some(ip), Some(max)) = (ip, limits.max_connections_per_ip) {
             let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(ip).or_insert(0);
+            let n = map.entry(cap_key(ip, limits.ipv6_prefix)).or_insert(0);
             if *n >= max {
                 drop(map);
                 self.open.fetch_sub(1, Ordering::AcqRel);
@@ -54,10 +74,11 @@ impl ConnCounter {
         self.open.fetch_sub(1, Ordering::AcqRel);
         if let (Some(ip), Some(_)) = (ip, limits.max_connections_per_ip) {
             let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
+            let key = cap_key(ip, limits.ipv6_prefix);
+            if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
-                    map.remove(&ip);
+                    map.remove(&key);
                 }
             }
         }
@@ -79,7 +100,38 @@ mod tests {
             close_slow_broadcast_peers: false,
             max_connections: max,
             max_connections_per_ip: per_ip,
+            ipv6_prefix: 64,
         }
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let c = ConnCounter::default();
+        let l = limits(10, Some(2));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // One client rotating through its /64 is one client.
+        assert!(c.admit(Some(ip("2001:db8:1:2::1")), &l));
+        assert!(c.admit(Some(ip("2001:db8:1:2:ffff::9")), &l));
+        assert!(!c.admit(Some(ip("2001:db8:1:2:dead:beef:0:1")), &l));
+        // Another /64 is another client.
+        assert!(c.admit(Some(ip("2001:db8:1:3::1")), &l));
+        // IPv4 through a dual-stack listener counts with plain IPv4.
+        assert!(c.admit(Some(ip("::ffff:10.0.0.1")), &l));
+        assert!(c.admit(Some(ip("10.0.0.1")), &l));
+        assert!(!c.admit(Some(ip("10.0.0.1")), &l));
+        c.release(Some(ip("2001:db8:1:2::1")), &l);
+        assert!(c.admit(Some(ip("2001:db8:1:2::77")), &l));
+        // /128 counts exact addresses again.
+        let exact = Limits {
+            ipv6_prefix: 128,
+            ..l
+        };
+        let c = ConnCounter::default();
+        assert!(c.admit(Some(ip("2001:db8::1")), &exact));
+        assert!(c.admit(Some(ip("2001:db8::2")), &exact));
+        assert!(c.admit(Some(ip("2001:db8::2")), &exact));
+        assert!(!c.admit(Some(ip("2001:db8::2")), &exact));
+        assert_eq!(cap_key(ip("2001:db8::1"), 0), ip("::"));
     }
 
     #[test]

@@ -15,8 +15,11 @@ use crate::sys::SendBatch;
 /// Most buffers moved into one send batch (the backend may gather fewer).
 const BATCH_BUFS: usize = 64;
 
-/// Capacity above which an empty tail is released rather than kept for reuse.
-const TAIL_KEEP: usize = 64 * 1024;
+/// Capacity up to which the tail buffer is kept for reuse. A tail that grew
+/// past it (a big message, a burst) is handed over whole when sealed and
+/// not kept, so an idle connection never holds the memory of the largest
+/// thing it once sent.
+const TAIL_KEEP: usize = 4 * 1024;
 
 #[derive(Default)]
 pub(crate) struct OutQueue {
@@ -35,7 +38,12 @@ impl OutQueue {
         msg: &[u8],
     ) -> Result<usize, FrameError> {
         let before = self.len();
-        writer.encode(msg, &mut self.tail)?;
+        let tail = self.tail.len();
+        if let Err(e) = writer.encode(msg, &mut self.tail) {
+            // A codec that failed part-way leaves nothing behind.
+            self.tail.truncate(tail);
+            return Err(e);
+        }
         Ok(self.len() - before)
     }
 
@@ -72,10 +80,32 @@ impl OutQueue {
     }
 
     fn seal(&mut self) {
-        if !self.tail.is_empty() {
-            self.in_chunks += self.tail.len();
-            self.chunks.push_back(self.tail.split().freeze());
+        if self.tail.is_empty() {
+            return;
         }
+        self.in_chunks += self.tail.len();
+        // `split` leaves the tail sharing the allocation (to reuse it once
+        // the chunk is sent): only for a small one.
+        let chunk = if self.tail.capacity() > TAIL_KEEP {
+            std::mem::take(&mut self.tail)
+        } else {
+            self.tail.split()
+        };
+        self.chunks.push_back(chunk.freeze());
+    }
+
+    /// The queue is empty and nothing is in flight: give back a tail that
+    /// grew past what is worth keeping.
+    pub(crate) fn shrink_idle(&mut self) {
+        if self.tail.capacity() > TAIL_KEEP {
+            self.tail = BytesMut::new();
+        }
+    }
+
+    /// The capacity held by the tail buffer (what an idle queue costs).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.tail.capacity()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -100,9 +130,6 @@ impl OutQueue {
                 }
                 None => break,
             }
-        }
-        if self.tail.capacity() > TAIL_KEEP {
-            self.tail = BytesMut::new();
         }
     }
 
@@ -156,6 +183,60 @@ mod tests {
         q.push_copy(&mut w, b"xy").unwrap();
         q.push_shared(&mut w, Bytes::from_static(b"z")).unwrap();
         assert_eq!(drain(&mut q), b"xyz");
+    }
+
+    #[test]
+    fn a_big_message_leaves_no_memory_behind_once_sent() {
+        let framing: Framing = Framing::length_prefixed().max_frame(2 << 20).into();
+        let mut w = framing.reader();
+        let mut q = OutQueue::default();
+        q.push_copy(&mut w, &vec![1u8; 1_000_000]).unwrap();
+        let mut batch = SendBatch::default();
+        q.fill(&mut batch);
+        assert_eq!(q.held(), 0, "the big tail went out whole, not shared");
+        let sent = batch.bufs.pop().unwrap();
+        assert!(sent.is_unique(), "nothing else refers to its allocation");
+        drop(sent);
+        // Small messages reuse a small tail; when quiet it stays small.
+        q.push_copy(&mut w, b"hi").unwrap();
+        q.fill(&mut batch);
+        batch.bufs.clear();
+        q.shrink_idle();
+        assert!(q.held() <= TAIL_KEEP);
+        // A burst that grew the tail past the limit is given back when quiet.
+        for _ in 0..100 {
+            q.push_copy(&mut w, &[0u8; 100]).unwrap();
+        }
+        assert!(q.held() > TAIL_KEEP);
+        q.fill(&mut batch);
+        q.shrink_idle();
+        assert_eq!(q.held(), 0);
+    }
+
+    #[test]
+    fn a_codec_failing_part_way_queues_nothing() {
+        struct Half;
+        impl crate::Codec for Half {
+            fn decode(&mut self, _: &[u8]) -> Result<crate::Decoded, FrameError> {
+                Ok(crate::Decoded::Incomplete(None))
+            }
+            fn encode(&mut self, msg: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
+                dst.extend_from_slice(&msg[..msg.len() / 2]);
+                if msg.starts_with(b"bad") {
+                    return Err(FrameError::Invalid("bad message".into()));
+                }
+                dst.extend_from_slice(&msg[msg.len() / 2..]);
+                Ok(())
+            }
+        }
+        let framing = Framing::custom(|| Half);
+        let mut w = framing.reader();
+        let mut q = OutQueue::default();
+        q.push_copy(&mut w, b"good").unwrap();
+        let e = q.push_copy(&mut w, b"bad one").unwrap_err();
+        assert_eq!(e, FrameError::Invalid("bad message".into()));
+        q.push_copy(&mut w, b"next").unwrap();
+        assert_eq!(drain(&mut q), b"goodnext");
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! pushes an idle timeout forward) and either acts or schedules again. So a
 //! busy connection is re-examined once per timeout period, not once per
 //! message, and nothing is ever removed from the wheel early.
+//!
+//! A bitmask of occupied buckets (as tokio's `level.rs` keeps) finds the
+//! next tick that has entries, so a loop with timers armed sleeps until the
+//! first one is due instead of waking every tick.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,7 @@ const BUCKETS: usize = 512;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) slot: u32,
-    pub(crate) generation: u32,
+    pub(crate) generation: u64,
     /// The tick it is due at (entries of later rounds share the bucket).
     pub(crate) tick: u64,
 }
@@ -25,6 +29,8 @@ pub(crate) struct Entry {
 pub(crate) struct Wheel {
     start: Instant,
     buckets: Vec<Vec<Entry>>,
+    /// Bit `b` is set when bucket `b` holds entries.
+    occupied: [u64; BUCKETS / 64],
     /// The next tick not yet processed.
     next: u64,
     len: usize,
@@ -35,6 +41,7 @@ impl Wheel {
         Wheel {
             start: now,
             buckets: vec![Vec::new(); BUCKETS],
+            occupied: [0; BUCKETS / 64],
             next: 0,
             len: 0,
         }
@@ -46,27 +53,30 @@ impl Wheel {
         since.as_nanos().div_ceil(TICK.as_nanos()) as u64
     }
 
-    /// The tick `t` falls in (for stamping activity).
+    /// The tick `t` falls in (for "is it due": a tick is due once it has
+    /// begun).
     pub(crate) fn tick_floor(&self, t: Instant) -> u64 {
         (t.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos()) as u64
     }
 
     /// Schedules a look at (slot, generation) at `at`; returns the tick.
     #[cfg(test)]
-    pub(crate) fn schedule(&mut self, slot: u32, generation: u32, at: Instant) -> u64 {
+    pub(crate) fn schedule(&mut self, slot: u32, generation: u64, at: Instant) -> u64 {
         let tick = self.tick_of(at);
         self.schedule_tick(slot, generation, tick)
     }
 
     /// Schedules a look at (slot, generation) at `tick` (not before the
     /// next unprocessed tick); returns the tick used.
-    pub(crate) fn schedule_tick(&mut self, slot: u32, generation: u32, tick: u64) -> u64 {
+    pub(crate) fn schedule_tick(&mut self, slot: u32, generation: u64, tick: u64) -> u64 {
         let tick = tick.max(self.next);
-        self.buckets[(tick % BUCKETS as u64) as usize].push(Entry {
+        let b = (tick % BUCKETS as u64) as usize;
+        self.buckets[b].push(Entry {
             slot,
             generation,
             tick,
         });
+        self.occupied[b / 64] |= 1 << (b % 64);
         self.len += 1;
         tick
     }
@@ -82,7 +92,8 @@ impl Wheel {
         // Past a full turn every bucket is visited once.
         let last = now_tick.min(self.next + BUCKETS as u64 - 1);
         while self.next <= last {
-            let bucket = &mut self.buckets[(self.next % BUCKETS as u64) as usize];
+            let b = (self.next % BUCKETS as u64) as usize;
+            let bucket = &mut self.buckets[b];
             let before = bucket.len();
             let mut i = 0;
             while i < bucket.len() {
@@ -93,6 +104,9 @@ impl Wheel {
                 }
             }
             self.len -= before - bucket.len();
+            if bucket.is_empty() {
+                self.occupied[b / 64] &= !(1 << (b % 64));
+            }
             self.next += 1;
         }
         self.next = self.next.max(now_tick + 1);
@@ -100,11 +114,57 @@ impl Wheel {
 
     /// How long until the next tick that has entries, if any.
     pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let tick = self.next_tick()?;
+        let at = self.start + Duration::from_nanos((tick as u128 * TICK.as_nanos()) as u64);
+        Some(at.saturating_duration_since(now))
+    }
+
+    /// The earliest tick that has an entry. Buckets are visited in order
+    /// from `next`, through the occupied bitmask; a bucket's entries of
+    /// later rounds are skipped, and the earliest of those is the answer if
+    /// no bucket has one in the current round.
+    fn next_tick(&self) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
-        let next_at = self.start + TICK * self.next as u32;
-        Some(next_at.saturating_duration_since(now))
+        let round_end = self.next + BUCKETS as u64;
+        let mut later: Option<u64> = None;
+        let mut distance = 0;
+        while let Some(d) = self.next_occupied(distance) {
+            let b = ((self.next + d) % BUCKETS as u64) as usize;
+            for e in &self.buckets[b] {
+                if e.tick < round_end {
+                    // This round's tick of this bucket: no earlier bucket
+                    // had one, and later ones are later.
+                    return Some(e.tick);
+                }
+                later = Some(later.map_or(e.tick, |t| t.min(e.tick)));
+            }
+            distance = d + 1;
+        }
+        later
+    }
+
+    /// The distance from `next` (at least `from`, below `BUCKETS`) of the
+    /// next occupied bucket.
+    fn next_occupied(&self, from: u64) -> Option<u64> {
+        let start = (self.next % BUCKETS as u64) as usize;
+        let mut d = from as usize;
+        while d < BUCKETS {
+            let b = (start + d) % BUCKETS;
+            let word = self.occupied[b / 64] >> (b % 64);
+            if word != 0 {
+                let skip = word.trailing_zeros() as usize;
+                // Bits past the word's end wrap to the next word, which the
+                // next round of this loop reads.
+                if d + skip < BUCKETS {
+                    return Some((d + skip) as u64);
+                }
+                return None;
+            }
+            d += 64 - b % 64;
+        }
+        None
     }
 }
 
@@ -170,10 +230,62 @@ mod tests {
     }
 
     #[test]
-    fn next_timeout_points_at_the_next_tick() {
+    fn next_timeout_points_at_the_first_entry_not_the_next_tick() {
         let t0 = Instant::now();
         let mut w = Wheel::new(t0);
         w.schedule(1, 1, t0 + Duration::from_secs(1));
-        assert!(w.next_timeout(t0).unwrap() <= TICK);
+        w.schedule(2, 1, t0 + Duration::from_secs(60));
+        let d = w.next_timeout(t0).unwrap();
+        assert_eq!(d, Duration::from_secs(1), "sleeps until the first entry");
+        let mut due = Vec::new();
+        w.expire(t0 + Duration::from_secs(1), &mut due);
+        assert_eq!(due.len(), 1);
+        let d = w.next_timeout(t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(d, Duration::from_secs(59), "then until the next one");
+    }
+
+    #[test]
+    fn next_timeout_finds_entries_of_later_rounds_and_wrapped_buckets() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        // Past a whole turn of the wheel: the bucket is near, its tick far.
+        let far = TICK * (BUCKETS as u32 * 3 + 5);
+        w.schedule(1, 1, t0 + far);
+        assert_eq!(w.next_timeout(t0), Some(far));
+        // Move `next` near the end of the buckets so the search wraps.
+        let mut due = Vec::new();
+        w.expire(t0 + TICK * (BUCKETS as u32 - 3), &mut due);
+        assert!(due.is_empty());
+        let now = t0 + TICK * (BUCKETS as u32 - 3);
+        w.schedule(2, 1, now + TICK * 10);
+        assert_eq!(w.next_timeout(now), Some(TICK * 10));
+    }
+
+    #[test]
+    fn next_timeout_matches_a_scan_of_every_entry() {
+        // A seeded random walk of schedules and expiries, checked against
+        // the obvious answer (the smallest tick of any entry).
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut now = t0;
+        let mut due = Vec::new();
+        for _ in 0..5000 {
+            if rand() % 3 == 0 {
+                now += TICK * (rand() % 40) as u32;
+                w.expire(now, &mut due);
+            } else {
+                let ahead = TICK * (rand() % (BUCKETS as u64 * 3)) as u32;
+                w.schedule(0, 0, now + ahead);
+            }
+            let want = w.buckets.iter().flatten().map(|e| e.tick).min();
+            assert_eq!(w.next_tick(), want);
+        }
     }
 }

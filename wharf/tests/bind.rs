@@ -34,12 +34,12 @@ fn a_malformed_address_is_an_error_not_a_panic() {
 }
 
 /// Which loops the accepted connections landed on.
-fn loops_used(echo: &Echo) -> HashSet<String> {
+fn loops_used(echo: &Echo) -> HashSet<usize> {
     echo.ids
         .lock()
         .unwrap()
         .iter()
-        .map(|id| format!("{id:?}").split(':').next().unwrap().to_string())
+        .map(|id| id.loop_index())
         .collect()
 }
 

@@ -10,16 +10,17 @@ use std::time::Duration;
 use util::*;
 use wharf::{Bytes, Conn, ConnId, Handler, SendError};
 
-/// The (slot, generation) of an id, from its debug form `ConnId(l:s:g)`.
-fn slot_and_generation(id: ConnId) -> (u32, u32) {
+/// The (slot, generation) of an id, from its debug form
+/// `ConnId(server:loop:slot:generation)`.
+fn slot_and_generation(id: ConnId) -> (u64, u64) {
     let s = format!("{id:?}");
-    let parts: Vec<u32> = s
+    let parts: Vec<u64> = s
         .trim_start_matches("ConnId(")
         .trim_end_matches(')')
         .split(':')
         .map(|p| p.parse().unwrap())
         .collect();
-    (parts[1], parts[2])
+    (parts[2], parts[3])
 }
 
 #[test]

@@ -22,7 +22,7 @@ struct Tagger {
 impl Handler for Tagger {
     type State = ();
     fn on_open(&self, conn: &mut Conn<'_, ()>) -> wharf::Accept {
-        conn.send(&conn.id().as_u64().to_be_bytes()).unwrap();
+        conn.send(&conn.id().as_u128().to_be_bytes()).unwrap();
         let mut recent = self.recent.lock().unwrap();
         recent.push_back(conn.id());
         if recent.len() > 32 {
@@ -58,7 +58,7 @@ fn stale_churn(cycles: usize) {
                 while !stop.load(Ordering::Relaxed) {
                     let ids: Vec<ConnId> = recent.lock().unwrap().iter().copied().collect();
                     for id in ids {
-                        match handle.send(id, Bytes::copy_from_slice(&id.as_u64().to_be_bytes())) {
+                        match handle.send(id, Bytes::copy_from_slice(&id.as_u128().to_be_bytes())) {
                             Ok(()) => sent.fetch_add(1, Ordering::Relaxed),
                             Err(SendError::Closed) => refused.fetch_add(1, Ordering::Relaxed),
                             // A client that has stopped reading (it reads
@@ -87,10 +87,10 @@ fn stale_churn(cycles: usize) {
                         let mut rest = Vec::new();
                         let _ = s.read_to_end(&mut rest);
                         let mut at = 0;
-                        while rest.len() >= at + 12 {
-                            let body = &rest[at + 4..at + 12];
+                        while rest.len() >= at + 20 {
+                            let body = &rest[at + 4..at + 20];
                             assert_eq!(body, &me[..], "a message for another connection arrived");
-                            at += 12;
+                            at += 20;
                             checked.fetch_add(1, Ordering::Relaxed);
                         }
                     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// Above this capacity an empty reassembly buffer is freed rather than kept
 /// for the next frame, so that an idle connection does not hold on to the
 /// memory of the largest message it ever received.
-const KEEP_PENDING_CAPACITY: usize = 64 * 1024;
+const KEEP_PENDING_CAPACITY: usize = 4 * 1024;
 
 /// How a connection's byte stream is cut into messages.
 #[derive(Clone)]

@@ -5,30 +5,36 @@
 //! here), take commands posted by other threads, fire due timers, then move
 //! every touched connection forward (start sends, pause or re-arm receives,
 //! close). Submissions made during the turn reach the kernel together at the
-//! start of the next wait.
+//! start of the next wait. The clock is read once per batch of events and
+//! once before each wait; everything in between uses that `now`.
 //!
 //! `mod.rs` holds the loop and what concerns all connections (listeners,
-//! commands, timers, counters); `conn_life.rs` holds one connection's life.
+//! commands, timers, counters); `conn_life.rs` one connection's life,
+//! `closing.rs` its end, `slot.rs` its phases, and `guard.rs` the
+//! containment of handler panics.
 
+mod closing;
 mod conn_life;
+mod guard;
+mod slot;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::codec::{FrameReader, Framing};
-use crate::conn::ConnCtl;
+use crate::codec::Framing;
 use crate::error::CloseReason;
+use crate::handle::{Handle, LoopShared};
 use crate::handler::Handler;
 use crate::id::ConnId;
 use crate::limits::Limits;
 use crate::mailbox::Command;
-use crate::server::{Handle, LoopShared};
-use crate::sys::{self, Driver, DriverConfig, Event, Listener, SendBatch, Socket};
+use crate::sys::{self, Driver, DriverConfig, Event, Flow, Listener, SendBatch};
 use crate::timer::{Entry, Wheel};
+
+use self::slot::{Closing, Phase, Slot};
 
 /// What a loop is started with.
 pub(crate) struct LoopConfig {
@@ -44,63 +50,6 @@ pub(crate) struct LoopConfig {
 
 /// How long accepting pauses after an error such as EMFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
-    /// An outbound connect is in flight.
-    Connecting,
-    /// Callbacks run; sends are accepted.
-    Open,
-    /// `on_close` has run; flushing, then waiting for the peer, then
-    /// waiting for in-flight operations to end before the slot is freed.
-    Closing,
-}
-
-struct Slot<S> {
-    state: S,
-    ctl: ConnCtl,
-    reader: FrameReader,
-    socket: Socket,
-    generation: u32,
-    peer: SocketAddr,
-    phase: Phase,
-    outbound: bool,
-    /// A receive is in flight (it may write into ring buffers).
-    recv_armed: bool,
-    /// A cancel of the receive alone is on its way (pausing).
-    recv_cancelling: bool,
-    /// Reading is paused: the send queue is over its high-water mark.
-    paused: bool,
-    /// Over the high-water mark since the last drain: `on_drain` is owed.
-    congested: bool,
-    /// A send of `batch` is in flight: the kernel reads it.
-    sending: bool,
-    /// Buffers being sent, or left over from a short send.
-    batch: Option<Box<SendBatch>>,
-    /// Bytes received while delivery was paused by back-pressure, kept to
-    /// be delivered when the send queue drains (at most about one receive
-    /// buffer: reading stops as soon as the mark is crossed).
-    stash: Vec<u8>,
-    /// At least one whole message has arrived.
-    got_message: bool,
-    /// The peer sent EOF or the connection failed: nothing more to read.
-    peer_done: bool,
-    /// Closing: deliver what is queued before closing.
-    flush: bool,
-    /// Closing: the write side has been shut (FIN queued after the data).
-    fin_sent: bool,
-    /// Closing: in-flight operations have been asked to end.
-    cancelled: bool,
-    /// Ticks (of the timer wheel) of the last activity, for timeouts.
-    opened_tick: u64,
-    last_recv_tick: u64,
-    last_write_tick: u64,
-    /// The tick of this slot's live wheel entry (older entries are stale).
-    timer: Option<u64>,
-    /// Closing: when to stop waiting for the flush (the shutdown deadline,
-    /// if shutting down) or, once FIN is sent, for the peer (the linger).
-    deadline: Option<Instant>,
-}
 
 struct ListenerState {
     socket: Option<Listener>,
@@ -123,11 +72,13 @@ struct Counters {
     timed_out: u64,
     broadcast_skipped: u64,
     accept_pauses: u64,
+    handler_panics: u64,
 }
 
 pub(crate) struct EventLoop<H: Handler> {
-    // Declared first so it is dropped first: nothing of the kernel's may
-    // outlive the memory in `core` (see `Drop`).
+    // Declared first so it is dropped first: a driver dropped with
+    // operations in flight leaks the memory they use (see `sys`), so what
+    // `core` frees afterwards is never the kernel's.
     driver: Driver,
     core: Core<H>,
 }
@@ -144,7 +95,7 @@ struct Core<H: Handler> {
     next_adopter: usize,
     conns: Slab<Slot<H::State>>,
     /// The last generation given out per slot, kept across reuse.
-    generations: Vec<u32>,
+    generations: Vec<u64>,
     listeners: Vec<ListenerState>,
     /// A spare descriptor, given up for a moment when the process runs out
     /// so that a waiting client can be accepted and closed, not left hanging.
@@ -153,12 +104,14 @@ struct Core<H: Handler> {
     touched: Vec<u32>,
     wheel: Wheel,
     due: Vec<Entry>,
-    /// The wheel tick of this turn.
+    /// This turn's time, and the wheel tick it falls in (for "is it due")
+    /// and the one at or after it (for stamping activity, so that a
+    /// timeout never fires early).
+    now: Instant,
     now_tick: u64,
+    stamp_tick: u64,
     commands: Vec<Command>,
-    /// Boxed on purpose: a batch in flight must not move (the kernel reads
-    /// its message header), and boxes move between slots and this pool.
-    #[allow(clippy::vec_box)]
+    #[allow(clippy::vec_box)] // boxes move to the driver and back
     spare_batches: Vec<Box<SendBatch>>,
     shutdown: Option<Instant>,
     counters: Counters,
@@ -206,7 +159,9 @@ impl<H: Handler> EventLoop<H> {
                 touched: Vec::new(),
                 wheel: Wheel::new(now),
                 due: Vec::new(),
+                now,
                 now_tick: 0,
+                stamp_tick: 0,
                 commands: Vec::new(),
                 spare_batches: Vec::new(),
                 shutdown: None,
@@ -216,41 +171,37 @@ impl<H: Handler> EventLoop<H> {
     }
 
     pub(crate) fn run(mut self) {
-        loop {
-            let timeout = self.core.next_timeout();
+        let failure = loop {
             let EventLoop { driver, core } = &mut self;
+            core.set_now(Instant::now());
+            let timeout = core.next_timeout();
             // The clock is read once per batch of events, after the wait.
             let mut stamped = false;
             let result = driver.poll(timeout, |event| {
                 if !stamped {
                     stamped = true;
-                    core.now_tick = core.wheel.tick_floor(Instant::now());
+                    core.set_now(Instant::now());
                 }
                 core.on_event(event)
             });
             if let Err(e) = result {
-                tracing::error!(loop_index = core.index, error = %e, "event loop failed");
-                break;
+                break Some(e);
             }
-            core.now_tick = core.wheel.tick_floor(Instant::now());
+            if !stamped {
+                core.set_now(Instant::now());
+            }
             core.run_commands(driver);
             core.maintain(driver);
             core.publish();
             if core.finished(driver) {
-                break;
+                break None;
             }
+        };
+        if let Some(e) = failure {
+            tracing::error!(loop_index = self.core.index, error = %e, "event loop failed");
+            self.core.fail();
         }
-    }
-}
-
-impl<H: Handler> Drop for EventLoop<H> {
-    fn drop(&mut self) {
-        if self.driver.in_flight() > 0 {
-            // Only after a panic or a driver failure: the kernel may still
-            // read send batches owned by the slots, so they must not be
-            // freed. Leak them with the slab.
-            std::mem::forget(std::mem::take(&mut self.core.conns));
-        }
+        self.core.close_mailbox();
     }
 }
 
@@ -259,16 +210,27 @@ impl<H: Handler> Core<H> {
         &self.handle.shared.loops[self.index]
     }
 
-    fn on_event(&mut self, event: Event<'_>) {
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+        self.now_tick = self.wheel.tick_floor(now);
+        self.stamp_tick = self.wheel.tick_of(now);
+    }
+
+    fn on_event(&mut self, event: Event<'_>) -> Flow {
         match event {
             Event::Accepted { listener, socket } => self.accepted(listener, socket),
             Event::AcceptEnded { listener, error } => self.accept_ended(listener, error),
-            Event::Received { slot, data } => self.received(slot, data),
+            Event::Received { slot, data } => return self.received(slot, data),
             Event::RecvEnded { slot, why } => self.recv_ended(slot, why),
-            Event::Sent { slot, result } => self.sent(slot, result),
+            Event::Sent {
+                slot,
+                batch,
+                result,
+            } => self.sent(slot, batch, result),
             Event::Connected { slot, result } => self.connected(slot, result),
             Event::Woken => {}
         }
+        Flow::Continue
     }
 
     fn accept_ended(&mut self, listener: u32, error: Option<std::io::Error>) {
@@ -289,9 +251,9 @@ impl<H: Handler> Core<H> {
                     self.counters.refused += shed as u64;
                 }
                 tracing::warn!(error = %e, "accept failed; pausing accepts");
-                l.retry_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                l.retry_at = Some(self.now + ACCEPT_BACKOFF);
             }
-            None => l.retry_at = Some(Instant::now()),
+            None => l.retry_at = Some(self.now),
         }
     }
 
@@ -302,39 +264,48 @@ impl<H: Handler> Core<H> {
         let mut commands = std::mem::take(&mut self.commands);
         self.shared().mailbox.take(&mut commands);
         for command in commands.drain(..) {
-            match command {
-                Command::Send(id, msg) => {
-                    if let Some(key) = self.lookup(id) {
-                        let slot = &mut self.conns[key as usize];
-                        // `Handle::send` admitted it (the mark is checked
-                        // there): queue it even if the mark was crossed
-                        // meanwhile, so an accepted message is never lost.
-                        // The overshoot is bounded by what other threads post
-                        // in one loop turn.
-                        if slot.ctl.send_shared(msg, usize::MAX).is_ok() {
+            self.run_command(driver, command);
+        }
+        self.commands = commands;
+    }
+
+    fn run_command(&mut self, driver: &mut Driver, command: Command) {
+        match command {
+            Command::Send(id, msg) => {
+                // Admitted by `Handle::send` against the bytes other threads
+                // have in transit to this slot (see `LiveTable::post`):
+                // queue it even if the mark was crossed meanwhile, so an
+                // accepted message is never lost.
+                self.shared().live.unpost(id.slot(), msg.len());
+                if let Some(key) = self.lookup(id) {
+                    let slot = &mut self.conns[key as usize];
+                    match slot.ctl.send_shared(msg, usize::MAX) {
+                        Ok(()) => {
                             self.counters.messages_out += 1;
                             self.touch(key);
                         }
+                        Err(e) => {
+                            tracing::debug!(conn = %id, error = %e, "a send from another thread failed")
+                        }
                     }
                 }
-                Command::Broadcast(wire) => self.broadcast(wire),
-                Command::Disconnect(id) => {
-                    if let Some(key) = self.lookup(id) {
-                        self.close(key, CloseReason::Disconnected, true);
-                    }
-                }
-                Command::Connect(addr) => self.connect(driver, addr),
-                Command::Adopt(socket) => self.adopt(socket),
-                Command::Shutdown(until) => self.begin_shutdown(driver, until),
             }
+            Command::Broadcast(wire) => self.broadcast(wire),
+            Command::Disconnect(id) => {
+                if let Some(key) = self.lookup(id) {
+                    self.close(key, CloseReason::Disconnected, true);
+                }
+            }
+            Command::Connect(addr) => self.connect(driver, addr),
+            Command::Adopt(socket) => self.adopt(socket),
+            Command::Shutdown(until) => self.begin_shutdown(driver, until),
         }
-        self.commands = commands;
     }
 
     fn broadcast(&mut self, wire: bytes::Bytes) {
         let mut slow = Vec::new();
         for (key, slot) in self.conns.iter_mut() {
-            if slot.phase != Phase::Open {
+            if !matches!(slot.phase, Phase::Open(_)) {
                 continue;
             }
             if slot.ctl.unsent > self.limits.high_water {
@@ -361,7 +332,9 @@ impl<H: Handler> Core<H> {
     fn lookup(&self, id: ConnId) -> Option<u32> {
         let key = id.slot();
         match self.conns.get(key as usize) {
-            Some(s) if s.generation == id.generation() && s.phase == Phase::Open => Some(key),
+            Some(s) if s.generation == id.generation() && matches!(s.phase, Phase::Open(_)) => {
+                Some(key)
+            }
             _ => None,
         }
     }
@@ -382,24 +355,26 @@ impl<H: Handler> Core<H> {
         }
         let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
         for key in keys {
-            match self.conns[key as usize].phase {
-                Phase::Open => self.close(key, CloseReason::Shutdown, true),
-                Phase::Connecting => {
-                    let slot = &self.conns[key as usize];
-                    driver.cancel(key, &slot.socket);
-                }
-                Phase::Closing => {
-                    let slot = &mut self.conns[key as usize];
-                    slot.deadline = Some(slot.deadline.map_or(until, |d| d.min(until)));
+            let slot = &mut self.conns[key as usize];
+            match &mut slot.phase {
+                Phase::Open(_) => self.close(key, CloseReason::Shutdown, true),
+                Phase::Connecting => driver.cancel(key, &slot.socket),
+                Phase::Closing(Closing::Flushing { deadline, .. }) => {
+                    *deadline = Some(deadline.map_or(until, |d| d.min(until)));
                     self.arm_timer(key);
                 }
+                Phase::Closing(Closing::Lingering { deadline }) => {
+                    *deadline = (*deadline).min(until);
+                    self.arm_timer(key);
+                }
+                Phase::Closing(Closing::Draining { .. }) => {}
             }
         }
     }
 
     /// Retries listeners, fires due timers and moves touched slots forward.
     fn maintain(&mut self, driver: &mut Driver) {
-        let now = Instant::now();
+        let now = self.now;
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if let (Some(at), Some(socket)) = (l.retry_at, &l.socket) {
                 if at <= now && self.shutdown.is_none() {
@@ -433,13 +408,16 @@ impl<H: Handler> Core<H> {
                 self.touched = touched;
             }
         }
+        self.shared().drained.notify_if_waited();
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.touched.is_empty() {
+        if !self.touched.is_empty() || self.shared().mailbox.has_pending() {
+            // Work left, or commands posted before this loop could be woken
+            // (before its waker was set): do not sleep on them.
             return Some(Duration::ZERO);
         }
-        let now = Instant::now();
+        let now = self.now;
         let mut next = self.wheel.next_timeout(now);
         for l in &self.listeners {
             if let Some(t) = l.retry_at {
@@ -469,6 +447,7 @@ impl<H: Handler> Core<H> {
         s.broadcast_skipped
             .store(c.broadcast_skipped, Ordering::Relaxed);
         s.accept_pauses.store(c.accept_pauses, Ordering::Relaxed);
+        s.handler_panics.store(c.handler_panics, Ordering::Relaxed);
     }
 
     fn finished(&self, driver: &Driver) -> bool {
@@ -476,5 +455,57 @@ impl<H: Handler> Core<H> {
             && self.conns.is_empty()
             && self.listeners.iter().all(|l| l.socket.is_none())
             && driver.in_flight() == 0
+    }
+
+    /// The driver failed: nothing more can be sent or received here. Every
+    /// connection is closed at once (`on_close` with `LoopFailed`), its id
+    /// is marked closed and its count released; listeners are closed.
+    /// Memory the kernel may still use belongs to the driver, which leaks
+    /// it when dropped.
+    fn fail(&mut self) {
+        self.shared().mark_failed();
+        let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        for key in keys {
+            if matches!(self.conns[key as usize].phase, Phase::Open(_)) {
+                self.close(key, CloseReason::LoopFailed, false);
+            }
+            let slot = self.conns.remove(key as usize);
+            if matches!(slot.phase, Phase::Connecting) {
+                self.handle.shared.release(None);
+                let e = std::io::Error::other("the event loop failed");
+                self.guard_connect_failed(slot.peer, e);
+            } else {
+                let ip = (!slot.outbound).then(|| slot.peer.ip());
+                self.handle.shared.release(ip);
+            }
+            // Dropping the slot closes its socket.
+        }
+        for l in &mut self.listeners {
+            l.socket = None;
+        }
+        self.counters.open = 0;
+        self.publish();
+    }
+
+    /// Refuses further posts to this loop and answers what is left in its
+    /// mailbox: connects fail through `on_connect_failed`, handed-over
+    /// sockets are closed, sends are dropped (they were posted before the
+    /// loop ended, which is the same as before a close).
+    fn close_mailbox(&mut self) {
+        let handle = self.handle.clone();
+        let shared = &handle.shared.loops[self.index];
+        for command in shared.mailbox.close() {
+            match command {
+                Command::Connect(addr) => {
+                    let e = std::io::Error::other("the server is shutting down");
+                    self.guard_connect_failed(addr, e);
+                }
+                Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
+                Command::Adopt(_) => self.counters.refused += 1,
+                Command::Broadcast(_) | Command::Disconnect(_) | Command::Shutdown(_) => {}
+            }
+        }
+        self.publish();
+        self.shared().drained.notify_if_waited();
     }
 }

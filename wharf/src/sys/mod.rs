@@ -22,13 +22,18 @@
 //!     `AcceptEnded`.
 //!   - `recv(slot, &Socket)`: start receiving continuously. Data arrives as
 //!     [`Event::Received`], whose bytes are valid only during that event: an
-//!     idle connection holds no receive buffer. Receiving ends with exactly
-//!     one [`Event::RecvEnded`]; with [`RecvEnd::Rearm`] the loop calls
-//!     `recv` again if it still wants data.
-//!   - `send(slot, &Socket, &mut SendBatch)`: write the batch's buffers, as
-//!     many as fit, in one gathered write. Ends with one [`Event::Sent`].
-//!     The batch is not touched, moved or dropped until then: the kernel may
-//!     be reading it. At most one send per slot is in flight.
+//!     idle connection holds no receive buffer. The loop answers a
+//!     `Received` with [`Flow::Pause`] when it wants no more data for now
+//!     (the connection crossed its high-water mark): the driver then reads
+//!     nothing more for that slot in this turn, and the loop cancels the
+//!     receive. Receiving ends with exactly one [`Event::RecvEnded`]; with
+//!     [`RecvEnd::Rearm`] the loop calls `recv` again if it still wants data.
+//!   - `send(slot, &Socket, Box<SendBatch>)`: write the batch's buffers, as
+//!     many as fit, in one gathered write. The batch is moved into the
+//!     driver, which owns it while the kernel may read it, and comes back
+//!     with the one [`Event::Sent`] that ends the send. At most one send
+//!     per slot is in flight. A driver that is dropped with sends in flight
+//!     leaks their batches rather than free memory the kernel may read.
 //!   - `connect(slot, &Socket, SocketAddr)`: ends with one
 //!     [`Event::Connected`].
 //!   - `cancel(slot, &Socket)`: ask every operation in flight on the socket to
@@ -96,8 +101,17 @@ pub(crate) struct DriverConfig {
     pub(crate) backend: Backend,
 }
 
+/// The loop's answer to an event (only `Received` looks at it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Go on.
+    Continue,
+    /// Read nothing more for this slot in this turn: the loop is about to
+    /// pause its receive (back-pressure).
+    Pause,
+}
+
 /// What a driver reports to its loop.
-#[derive(Debug)]
 pub(crate) enum Event<'a> {
     /// A listener accepted a connection.
     Accepted { listener: u32, socket: Socket },
@@ -110,9 +124,10 @@ pub(crate) enum Event<'a> {
     Received { slot: u32, data: &'a [u8] },
     /// Receiving ended on a connection.
     RecvEnded { slot: u32, why: RecvEnd },
-    /// A send finished: bytes written or the error.
+    /// A send finished: bytes written or the error. The batch comes back.
     Sent {
         slot: u32,
+        batch: Box<SendBatch>,
         result: io::Result<usize>,
     },
     /// An outbound connect finished.
@@ -276,7 +291,7 @@ impl Driver {
         }
     }
 
-    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: Box<SendBatch>) {
         match self {
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.send(slot, socket, batch),
@@ -323,7 +338,7 @@ impl Driver {
     pub(crate) fn poll(
         &mut self,
         timeout: Option<Duration>,
-        f: impl FnMut(Event<'_>),
+        f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
         match self {
             #[cfg(target_os = "linux")]

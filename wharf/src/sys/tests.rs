@@ -35,7 +35,10 @@ fn wait_for(driver: &mut Driver, mut want: impl FnMut(&Event<'_>) -> bool) -> bo
     let mut seen = false;
     for _ in 0..200 {
         driver
-            .poll(Some(Duration::from_millis(10)), |e| seen |= want(&e))
+            .poll(Some(Duration::from_millis(10)), |e| {
+                seen |= want(&e);
+                Flow::Continue
+            })
             .unwrap();
         if seen {
             return true;
@@ -62,11 +65,11 @@ fn a_send_after_our_fin_fails_with_epipe_and_raises_no_sigpipe() {
     for mut driver in drivers() {
         let (ours, _peer) = pair();
         shutdown_write(&ours);
-        let mut batch = Box::new(SendBatch {
+        let batch = Box::new(SendBatch {
             bufs: vec![bytes::Bytes::from_static(b"after FIN")],
             ..SendBatch::default()
         });
-        driver.send(0, &ours, &mut batch);
+        driver.send(0, &ours, batch);
         let mut error = None;
         assert!(wait_for(&mut driver, |e| match e {
             Event::Sent { result, .. } => {
@@ -96,13 +99,16 @@ fn data_then_reset_ends_the_receive() {
             let mut rearm = false;
             for _ in 0..200 {
                 driver
-                    .poll(Some(Duration::from_millis(10)), |e| match e {
-                        Event::RecvEnded {
-                            why: RecvEnd::Rearm | RecvEnd::NoBuffers,
-                            ..
-                        } => rearm = true,
-                        Event::RecvEnded { .. } => ended = true,
-                        _ => {}
+                    .poll(Some(Duration::from_millis(10)), |e| {
+                        match e {
+                            Event::RecvEnded {
+                                why: RecvEnd::Rearm | RecvEnd::NoBuffers,
+                                ..
+                            } => rearm = true,
+                            Event::RecvEnded { .. } => ended = true,
+                            _ => {}
+                        }
+                        Flow::Continue
                     })
                     .unwrap();
                 if rearm {

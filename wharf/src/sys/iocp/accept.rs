@@ -168,7 +168,7 @@ impl Driver {
         &mut self,
         listener: u32,
         entry: &OVERLAPPED_ENTRY,
-        f: &mut impl FnMut(Event<'_>),
+        f: &mut impl FnMut(Event<'_>) -> Flow,
     ) {
         let l = &mut self.listeners[listener as usize];
         let Some(op) = l.ops.iter().find(|op| op.is(entry.lpOverlapped)) else {
@@ -185,7 +185,9 @@ impl Driver {
         }
         match (result, socket) {
             (Ok(_), Some(socket)) => match finish_accept(listen_socket, &socket) {
-                Ok(()) => f(Event::Accepted { listener, socket }),
+                Ok(()) => {
+                    f(Event::Accepted { listener, socket });
+                }
                 Err(e) => tracing::debug!(error = %e, "an accepted socket could not be set up"),
             },
             (Err(e), _) if e.raw_os_error() == Some(WSA_OPERATION_ABORTED) => {}

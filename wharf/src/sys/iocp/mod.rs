@@ -37,7 +37,7 @@ use self::accept::ListenerIo;
 use self::op::Kind;
 pub(crate) use self::stream::SendScratch;
 use self::stream::SlotIo;
-use super::{DriverConfig, Event, RecvEnd};
+use super::{DriverConfig, Event, Flow, RecvEnd, SendBatch};
 
 /// Completions dequeued per `GetQueuedCompletionStatusEx` call.
 const BATCH: usize = 256;
@@ -120,7 +120,7 @@ impl Waker {
 /// Endings decided without a completion packet (a call refused at once,
 /// a cancel of a receive between reads), reported at the next `poll`.
 enum Done {
-    Sent(u32, io::Error),
+    Sent(u32, Box<SendBatch>, io::Error),
     RecvEnded(u32, RecvEnd),
     Connected(u32, io::Error),
     AcceptEnded(u32),
@@ -190,7 +190,7 @@ impl Driver {
     pub(crate) fn poll(
         &mut self,
         timeout: Option<Duration>,
-        mut f: impl FnMut(Event<'_>),
+        mut f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
         let mut busy = self.report_done(&mut f);
         for slot in std::mem::take(&mut self.read_again) {
@@ -249,29 +249,30 @@ impl Driver {
         Ok(())
     }
 
-    fn report_done(&mut self, f: &mut impl FnMut(Event<'_>)) -> bool {
+    fn report_done(&mut self, f: &mut impl FnMut(Event<'_>) -> Flow) -> bool {
         let any = !self.done.is_empty();
         while let Some(done) = self.done.pop_front() {
             // Every ending queued here was counted in flight when started.
             self.in_flight -= 1;
             match done {
-                Done::Sent(slot, e) => {
+                Done::Sent(slot, batch, e) => {
                     self.settle(slot);
                     f(Event::Sent {
                         slot,
+                        batch,
                         result: Err(e),
-                    })
+                    });
                 }
                 Done::RecvEnded(slot, why) => {
                     self.settle(slot);
-                    f(Event::RecvEnded { slot, why })
+                    f(Event::RecvEnded { slot, why });
                 }
                 Done::Connected(slot, e) => {
                     self.settle(slot);
                     f(Event::Connected {
                         slot,
                         result: Err(e),
-                    })
+                    });
                 }
                 Done::AcceptEnded(listener) => {
                     let error = self.listeners[listener as usize].error.take();

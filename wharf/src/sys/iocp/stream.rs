@@ -18,7 +18,7 @@ use windows_sys::Win32::System::IO::{CancelIoEx, OVERLAPPED_ENTRY};
 use super::op::{last_wsa_error, Kind, Op, OpBox, StartsWithOp};
 use super::{raw, Done, Driver};
 use crate::sys::windows::{Socket, SEND_FLAGS};
-use crate::sys::{Event, RecvEnd, SendBatch};
+use crate::sys::{Event, Flow, RecvEnd, SendBatch};
 
 /// Reads per connection per turn before others get a go.
 const READS_PER_TURN: usize = 16;
@@ -66,6 +66,9 @@ pub(super) struct SlotIo {
     /// Made on the slot's first outbound connect (most slots never
     /// connect, and an idle connection should cost little).
     connect: Option<OpBox<ConnectOp>>,
+    /// The batch of the send in flight: Winsock reads its buffers until the
+    /// completion, which hands it back to the loop.
+    batch: Option<Box<SendBatch>>,
     /// A receive was asked for and its `RecvEnded` is still owed.
     receiving: bool,
     /// The receive was asked to stop.
@@ -79,8 +82,19 @@ impl SlotIo {
             recv: OpBox::new(Op::new(Kind::Recv, slot)),
             send: OpBox::new(Op::new(Kind::Send, slot)),
             connect: None,
+            batch: None,
             receiving: false,
             recv_cancelled: false,
+        }
+    }
+}
+
+impl Drop for SlotIo {
+    fn drop(&mut self) {
+        if self.send.is_pending() {
+            // Winsock may still read the batch (a driver dropped with I/O in
+            // flight, after a failure): leak it, as the operation is leaked.
+            std::mem::forget(self.batch.take());
         }
     }
 }
@@ -180,7 +194,7 @@ impl Driver {
         &mut self,
         slot: u32,
         entry: &OVERLAPPED_ENTRY,
-        f: &mut impl FnMut(Event<'_>),
+        f: &mut impl FnMut(Event<'_>) -> Flow,
     ) {
         let io = &mut self.slots[slot as usize];
         let result = io.recv.complete(entry);
@@ -200,7 +214,7 @@ impl Driver {
     /// Reads what the socket holds into the loop's buffer, each read
     /// reported as it comes, until the socket is dry (then the next
     /// zero-byte receive is posted) or the per-turn budget is spent.
-    pub(super) fn read(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>)) {
+    pub(super) fn read(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let Some(io) = self.slots.get(slot as usize) else {
             return;
         };
@@ -216,10 +230,14 @@ impl Driver {
             let n = unsafe { recv(socket, self.buf.as_mut_ptr(), len, 0) };
             if n > 0 {
                 let n = n as usize;
-                f(Event::Received {
+                let flow = f(Event::Received {
                     slot,
                     data: &self.buf[..n],
                 });
+                if flow == Flow::Pause {
+                    // Between reads: the loop cancels the receive next.
+                    return;
+                }
                 if n < self.buf.len() {
                     // Probably dry: the zero-byte receive completes at once
                     // if it is not.
@@ -238,7 +256,7 @@ impl Driver {
         self.read_again.push(slot);
     }
 
-    fn recv_ended(&mut self, slot: u32, why: RecvEnd, f: &mut impl FnMut(Event<'_>)) {
+    fn recv_ended(&mut self, slot: u32, why: RecvEnd, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let io = &mut self.slots[slot as usize];
         if io.receiving {
             io.receiving = false;
@@ -248,16 +266,16 @@ impl Driver {
         }
     }
 
-    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, mut batch: Box<SendBatch>) {
         self.in_flight += 1;
         let io = match self.slot(slot, socket) {
             Ok(io) => io,
             Err(e) => {
-                self.done.push_back(Done::Sent(slot, e));
+                self.done.push_back(Done::Sent(slot, batch, e));
                 return;
             }
         };
-        let SendBatch { bufs, offset, os } = batch;
+        let SendBatch { bufs, offset, os } = &mut *batch;
         os.bufs.clear();
         let mut total = 0;
         for (i, buf) in bufs.iter().take(MAX_BUFS).enumerate() {
@@ -274,9 +292,10 @@ impl Driver {
             }
         }
         let (overlapped, _) = io.send.start(io.socket, slot);
-        // SAFETY: `send`'s contract keeps the batch (buffers, WSABUFs) in
-        // place until `Sent`; the OVERLAPPED lives in the slot's send op,
-        // not freed while pending. Winsock only reads the buffers.
+        // SAFETY: the batch is boxed and kept in the slot (below) until the
+        // completion, so its buffers and WSABUFs outlive the send (a driver
+        // dropped first leaks it); the OVERLAPPED lives in the slot's send
+        // op, not freed while pending. Winsock only reads the buffers.
         let rc = unsafe {
             WSASend(
                 io.socket,
@@ -292,24 +311,28 @@ impl Driver {
             let e = last_wsa_error();
             if e.raw_os_error() != Some(WSA_IO_PENDING) {
                 io.send.failed();
-                self.done.push_back(Done::Sent(slot, e));
+                self.done.push_back(Done::Sent(slot, batch, e));
                 return;
             }
         }
         io.send.posted();
+        io.batch = Some(batch);
     }
 
     pub(super) fn send_completed(
         &mut self,
         slot: u32,
         entry: &OVERLAPPED_ENTRY,
-        f: &mut impl FnMut(Event<'_>),
+        f: &mut impl FnMut(Event<'_>) -> Flow,
     ) {
-        let result = self.slots[slot as usize].send.complete(entry);
+        let io = &mut self.slots[slot as usize];
+        let result = io.send.complete(entry);
+        let batch = io.batch.take().expect("a send completion names its batch");
         self.in_flight -= 1;
         self.settle(slot);
         f(Event::Sent {
             slot,
+            batch,
             result: result.map(|n| n as usize),
         });
     }
@@ -376,7 +399,7 @@ impl Driver {
         &mut self,
         slot: u32,
         entry: &OVERLAPPED_ENTRY,
-        f: &mut impl FnMut(Event<'_>),
+        f: &mut impl FnMut(Event<'_>) -> Flow,
     ) {
         let io = &self.slots[slot as usize];
         let Some(op) = &io.connect else {

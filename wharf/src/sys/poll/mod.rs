@@ -12,7 +12,6 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use mio::{Events, Interest, Poll, Token};
 use socket2::SockRef;
 
 use super::unix::{Listener, Socket, SEND_FLAGS};
-use super::{DriverConfig, Event, RecvEnd, SendBatch};
+use super::{DriverConfig, Event, Flow, RecvEnd, SendBatch};
 
 const WAKE: Token = Token(usize::MAX);
 /// Listener `i` has token `LISTENER + i`; connection slots are below it.
@@ -51,8 +50,9 @@ struct SlotIo {
     fd: Option<RawFd>,
     recv: bool,
     connect: bool,
-    /// The batch being sent. The loop keeps it in place until `Sent`.
-    send: Option<NonNull<SendBatch>>,
+    /// The batch being sent, waiting for the socket to take more; it goes
+    /// back to the loop with `Sent`.
+    send: Option<Box<SendBatch>>,
 }
 
 struct ListenerIo {
@@ -63,7 +63,7 @@ struct ListenerIo {
 /// Endings decided outside a wait (cancels, immediate results), reported at
 /// the start of the next `poll`.
 enum Done {
-    Sent(u32, io::Result<usize>),
+    Sent(u32, Box<SendBatch>, io::Result<usize>),
     RecvEnded(u32, RecvEnd),
     Connected(u32, io::Result<()>),
     AcceptEnded(u32),
@@ -150,14 +150,14 @@ impl Driver {
         self.read_again.push(slot);
     }
 
-    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: Box<SendBatch>) {
         self.register(slot, socket);
         self.in_flight += 1;
-        match write_batch(socket, batch) {
+        match write_batch(socket, &batch) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.slots[slot as usize].send = Some(NonNull::from(batch));
+                self.slots[slot as usize].send = Some(batch);
             }
-            result => self.done.push_back(Done::Sent(slot, result)),
+            result => self.done.push_back(Done::Sent(slot, batch, result)),
         }
     }
 
@@ -186,8 +186,9 @@ impl Driver {
             self.done
                 .push_back(Done::RecvEnded(slot, RecvEnd::Cancelled));
         }
-        if io.send.take().is_some() {
-            self.done.push_back(Done::Sent(slot, Err(cancelled())));
+        if let Some(batch) = io.send.take() {
+            self.done
+                .push_back(Done::Sent(slot, batch, Err(cancelled())));
         }
         if io.connect {
             io.connect = false;
@@ -246,7 +247,7 @@ impl Driver {
     pub(crate) fn poll(
         &mut self,
         timeout: Option<Duration>,
-        mut f: impl FnMut(Event<'_>),
+        mut f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
         let mut busy = self.report_done(&mut f);
         for listener in std::mem::take(&mut self.accept_again) {
@@ -280,7 +281,9 @@ impl Driver {
             .collect();
         for (token, readable, writable) in ready {
             match token {
-                WAKE => f(Event::Woken),
+                WAKE => {
+                    f(Event::Woken);
+                }
                 Token(t) if t >= LISTENER => self.accept((t - LISTENER) as u32, &mut f),
                 Token(t) => {
                     let slot = t as u32;
@@ -297,15 +300,19 @@ impl Driver {
         Ok(())
     }
 
-    fn report_done(&mut self, f: &mut impl FnMut(Event<'_>)) -> bool {
+    fn report_done(&mut self, f: &mut impl FnMut(Event<'_>) -> Flow) -> bool {
         let any = !self.done.is_empty();
         while let Some(done) = self.done.pop_front() {
             // Every ending queued here was counted in flight when started.
             self.in_flight -= 1;
             match done {
-                Done::Sent(slot, result) => {
+                Done::Sent(slot, batch, result) => {
                     self.end(slot);
-                    f(Event::Sent { slot, result });
+                    f(Event::Sent {
+                        slot,
+                        batch,
+                        result,
+                    });
                 }
                 Done::RecvEnded(slot, why) => {
                     self.end(slot);
@@ -315,10 +322,12 @@ impl Driver {
                     self.end(slot);
                     f(Event::Connected { slot, result });
                 }
-                Done::AcceptEnded(listener) => f(Event::AcceptEnded {
-                    listener,
-                    error: None,
-                }),
+                Done::AcceptEnded(listener) => {
+                    f(Event::AcceptEnded {
+                        listener,
+                        error: None,
+                    });
+                }
             }
         }
         any
@@ -332,7 +341,7 @@ impl Driver {
         }
     }
 
-    fn accept(&mut self, listener: u32, f: &mut impl FnMut(Event<'_>)) {
+    fn accept(&mut self, listener: u32, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let Some(l) = self.listeners.get_mut(listener as usize) else {
             return;
         };
@@ -370,7 +379,7 @@ impl Driver {
         self.accept_again.push(listener);
     }
 
-    fn read(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>)) {
+    fn read(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let Driver {
             slots,
             buf,
@@ -392,10 +401,17 @@ impl Driver {
                 // Read on until WouldBlock even after a short read: the
                 // edge that woke us may also carry an error or EOF that
                 // arrived with the data, and no new edge would report it.
-                Ok(n) => f(Event::Received {
-                    slot,
-                    data: &buf[..n],
-                }),
+                // When the loop pauses the receive, the next `recv` reads
+                // again from the start, so nothing is missed either.
+                Ok(n) => {
+                    let flow = f(Event::Received {
+                        slot,
+                        data: &buf[..n],
+                    });
+                    if flow == Flow::Pause {
+                        return;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.recv_ended(slot, RecvEnd::Error(e), f),
@@ -404,7 +420,7 @@ impl Driver {
         read_again.push(slot);
     }
 
-    fn recv_ended(&mut self, slot: u32, why: RecvEnd, f: &mut impl FnMut(Event<'_>)) {
+    fn recv_ended(&mut self, slot: u32, why: RecvEnd, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let io = &mut self.slots[slot as usize];
         if io.recv {
             io.recv = false;
@@ -414,7 +430,7 @@ impl Driver {
         }
     }
 
-    fn writable(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>)) {
+    fn writable(&mut self, slot: u32, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let Some(io) = self.slots.get_mut(slot as usize) else {
             return;
         };
@@ -433,18 +449,19 @@ impl Driver {
             f(Event::Connected { slot, result });
             return;
         }
-        if let Some(mut batch) = io.send {
-            // SAFETY: the contract of `send`: the loop neither moves nor
-            // touches the batch until its `Sent` event, which is not yet
-            // reported.
-            let result = write_batch(&socket, unsafe { batch.as_mut() });
+        if let Some(batch) = &io.send {
+            let result = write_batch(&socket, batch);
             if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                 return;
             }
-            io.send = None;
+            let batch = io.send.take().expect("checked above");
             self.in_flight -= 1;
             self.release(slot);
-            f(Event::Sent { slot, result });
+            f(Event::Sent {
+                slot,
+                batch,
+                result,
+            });
         }
     }
 

@@ -21,7 +21,7 @@ use socket2::SockAddr;
 
 use self::bufring::BufRing;
 use super::unix::{Listener, Socket};
-use super::{DriverConfig, Event, RecvEnd, SendBatch};
+use super::{DriverConfig, Event, Flow, RecvEnd, SendBatch};
 
 // The high byte of a submission's user data says what it was; the low 32 bits
 // name the slot or listener it belongs to.
@@ -80,6 +80,8 @@ impl Waker {
 
 pub(crate) struct Driver {
     ring: IoUring,
+    /// Freed in `Drop` only once the kernel is done with it (unregistered,
+    /// nothing in flight), else leaked.
     bufs: ManuallyDrop<BufRing>,
     /// Submissions that did not fit the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
@@ -90,11 +92,17 @@ pub(crate) struct Driver {
     /// any is, the buffers may not be freed.
     in_flight: usize,
     waker: Waker,
-    /// The eventfd counter is read into this box; the read is always in
-    /// flight, so the box lives as long as the driver.
-    wake_buf: Box<u64>,
+    /// The eventfd counter is read into this box; the read is in flight
+    /// for the driver's whole life, so `Drop` cancels it and waits for its
+    /// completion before freeing the box (or leaks it).
+    wake_buf: ManuallyDrop<Box<u64>>,
+    /// `Drop` has begun: a finished eventfd read is not re-armed.
+    stopping: bool,
     /// Addresses of connects in flight, which the kernel reads.
     connecting: HashMap<u32, Box<SockAddr>>,
+    /// The batch of each slot's send in flight (indexed by slot): the
+    /// kernel reads its buffers, iovecs and header until the completion.
+    sending: Vec<Option<Box<SendBatch>>>,
 }
 
 impl Driver {
@@ -131,8 +139,10 @@ impl Driver {
             reaped: Vec::with_capacity(256),
             in_flight: 0,
             waker: Waker { fd: Arc::new(fd) },
-            wake_buf: Box::new(0),
+            wake_buf: ManuallyDrop::new(Box::new(0)),
+            stopping: false,
             connecting: HashMap::new(),
+            sending: Vec::new(),
         };
         driver.arm_waker();
         Ok(driver)
@@ -175,8 +185,8 @@ impl Driver {
         self.in_flight += 1;
     }
 
-    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: &mut SendBatch) {
-        let SendBatch { bufs, offset, os } = batch;
+    pub(crate) fn send(&mut self, slot: u32, socket: &Socket, mut batch: Box<SendBatch>) {
+        let SendBatch { bufs, offset, os } = &mut *batch;
         os.iov.clear();
         for (i, buf) in bufs.iter().take(MAX_IOV).enumerate() {
             let skip = if i == 0 { *offset } else { 0 };
@@ -191,10 +201,18 @@ impl Driver {
             .flags(super::unix::SEND_FLAGS as u32)
             .build()
             .user_data(tag(SEND, slot));
-        // SAFETY: the contract of `send`: the batch (its buffers, iovecs and
-        // header) is neither moved nor touched until the `Sent` event, and
-        // MSG_NOSIGNAL keeps a reset peer from raising SIGPIPE.
+        // SAFETY: the batch is boxed (moving the box does not move what the
+        // pointers name) and is kept in `sending` until the completion, so
+        // its buffers, iovecs and header outlive the operation; if the
+        // driver is dropped first, `Drop` leaks it. MSG_NOSIGNAL keeps a
+        // reset peer from raising SIGPIPE.
         unsafe { self.push(entry) };
+        let i = slot as usize;
+        if self.sending.len() <= i {
+            self.sending.resize_with(i + 1, || None);
+        }
+        debug_assert!(self.sending[i].is_none(), "a second send on one slot");
+        self.sending[i] = Some(batch);
         self.in_flight += 1;
     }
 
@@ -237,12 +255,13 @@ impl Driver {
     }
 
     fn arm_waker(&mut self) {
-        let buf: *mut u64 = &mut *self.wake_buf;
+        let buf: *mut u64 = &mut **self.wake_buf;
         let entry = opcode::Read::new(Fd(self.waker.fd.as_raw_fd()), buf as *mut u8, 8)
             .build()
             .user_data(tag(WAKE, 0));
-        // SAFETY: `wake_buf` is boxed and lives as long as the driver; while
-        // the ring exists a read is pending on it and nothing else reads it.
+        // SAFETY: `wake_buf` is boxed, and `Drop` frees it only after this
+        // read has completed (or leaks it); nothing else touches it while
+        // the read is pending.
         unsafe { self.push(entry) };
         self.in_flight += 1;
     }
@@ -270,8 +289,17 @@ impl Driver {
                 self.backlog.push_front(entry);
                 match self.ring.submit() {
                     Ok(_) => {}
-                    // The completion queue is full: reap first, then go on.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                    // The completion queue is full (EBUSY), the kernel is
+                    // short of memory for a moment (EAGAIN), or a signal
+                    // came (EINTR): reap first, then go on next turn.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                        ) =>
+                    {
+                        return Ok(())
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -284,7 +312,7 @@ impl Driver {
     pub(crate) fn poll(
         &mut self,
         timeout: Option<Duration>,
-        mut f: impl FnMut(Event<'_>),
+        mut f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
         self.drain_backlog()?;
         let want = usize::from(self.ring.completion().is_empty());
@@ -316,7 +344,7 @@ impl Driver {
         Ok(())
     }
 
-    fn dispatch(&mut self, cqe: &cqueue::Entry, f: &mut impl FnMut(Event<'_>)) {
+    fn dispatch(&mut self, cqe: &cqueue::Entry, f: &mut impl FnMut(Event<'_>) -> Flow) {
         let data = cqe.user_data();
         let id = data as u32;
         let res = cqe.result();
@@ -336,8 +364,13 @@ impl Driver {
                     });
                 }
                 if !more {
-                    let error = (res < 0 && res != -libc::ECANCELED)
-                        .then(|| io::Error::from_raw_os_error(-res));
+                    // A cancel, or an error that concerns only the client
+                    // being accepted (it reset first, a signal): `None`
+                    // asks the loop to re-arm at once. Anything else (EMFILE,
+                    // ENFILE, ENOMEM) pauses accepting.
+                    let error =
+                        (res < 0 && res != -libc::ECANCELED && !transient_accept_error(-res))
+                            .then(|| io::Error::from_raw_os_error(-res));
                     f(Event::AcceptEnded {
                         listener: id,
                         error,
@@ -373,7 +406,14 @@ impl Driver {
                 } else {
                     Err(io::Error::from_raw_os_error(-res))
                 };
-                f(Event::Sent { slot: id, result });
+                let batch = self.sending[id as usize]
+                    .take()
+                    .expect("a send completion names a send in flight");
+                f(Event::Sent {
+                    slot: id,
+                    batch,
+                    result,
+                });
             }
             CONNECT => {
                 self.connecting.remove(&id);
@@ -385,7 +425,7 @@ impl Driver {
                 f(Event::Connected { slot: id, result });
             }
             WAKE => {
-                if res != -libc::ECANCELED {
+                if res != -libc::ECANCELED && !self.stopping {
                     self.arm_waker();
                 }
                 f(Event::Woken);
@@ -401,26 +441,86 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// Cancels the eventfd read and waits (briefly) for its completion, so
+    /// that nothing in flight names the driver's memory. True when done.
+    fn quiesce(&mut self) -> bool {
+        self.stopping = true;
+        for _ in 0..100 {
+            if self.in_flight == 0 {
+                return true;
+            }
+            let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(tag(WAKE, 0)))
+                .build()
+                .user_data(tag(CANCEL, 0));
+            // SAFETY: a cancel carries no pointers.
+            unsafe { self.push(entry) };
+            let timeout = Duration::from_millis(10);
+            if self.poll(Some(timeout), |_| Flow::Continue).is_err() {
+                return false;
+            }
+        }
+        self.in_flight == 0
+    }
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Orderly (nothing but the eventfd read in flight): end that read,
+        // unregister the buffer ring, then free. Otherwise (a loop torn down
+        // by a failure) the kernel may still write into the receive buffers
+        // and the eventfd box, and read the batches being sent: leak them.
+        let clean = self.in_flight() == 0 && self.quiesce();
         // SAFETY: taken once, here; `bufs` is not used after this.
         let bufs = unsafe { ManuallyDrop::take(&mut self.bufs) };
-        if self.in_flight() > 0 {
-            // A receive may still be writing into a buffer: leaking the pool
-            // is the only safe choice (this happens only when a loop dies
-            // abnormally, never on an orderly shutdown).
-            bufs.leak();
-        } else {
-            // Only the eventfd read remains, which writes into `wake_buf`
-            // (freed after the ring: fields drop after this body, ring first).
+        if clean
+            && self
+                .ring
+                .submitter()
+                .unregister_buf_ring(bufring::GROUP)
+                .is_ok()
+        {
             drop(bufs);
+            // SAFETY: the read into it has completed (`quiesce`); it is not
+            // used after this.
+            unsafe { ManuallyDrop::drop(&mut self.wake_buf) };
+        } else {
+            tracing::warn!(
+                "io_uring driver dropped with operations in flight: leaking their memory"
+            );
+            bufs.leak();
+            std::mem::forget(std::mem::take(&mut self.sending));
+            std::mem::forget(std::mem::take(&mut self.connecting));
         }
     }
 }
 
-/// Whether io_uring with every opcode wharf needs can be used here.
+/// Accept errors that concern only the connection being accepted, or the
+/// call: re-arm at once, as the poll backend does.
+fn transient_accept_error(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNABORTED | libc::EINTR | libc::EAGAIN | libc::EPROTO | libc::EPERM
+    )
+}
+
+/// Whether io_uring with every feature wharf uses works here: the opcodes,
+/// and the features that older kernels (5.10 to 5.18) lack although their
+/// opcode numbers exist: provided buffer rings, multishot accept and
+/// cancel-by-descriptor, each tried for real.
+///
+/// `WHARF_URING_DISABLE=buf_ring,multishot_accept,cancel_fd` makes the
+/// probe treat those features as missing, to test the fallback.
 pub(crate) fn probe() -> io::Result<()> {
-    let ring = IoUring::new(8)?;
+    let disabled = std::env::var("WHARF_URING_DISABLE").unwrap_or_default();
+    let missing = |feature: &str| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("io_uring lacks {feature} (kernel 5.19 or later needed)"),
+        )
+    };
+    let off = |feature: &str| disabled.split(',').any(|f| f.trim() == feature);
+    let mut ring = IoUring::new(8)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for (code, name) in [
@@ -437,6 +537,60 @@ pub(crate) fn probe() -> io::Result<()> {
                 format!("io_uring lacks the {name} opcode"),
             ));
         }
+    }
+    if off("buf_ring") {
+        return Err(missing("provided buffer rings"));
+    }
+    let bufs = BufRing::new(&ring, 2, 64).map_err(|_| missing("provided buffer rings"))?;
+    let unregistered = ring.submitter().unregister_buf_ring(bufring::GROUP);
+    if unregistered.is_ok() {
+        drop(bufs);
+    } else {
+        bufs.leak();
+    }
+    // Multishot accept on a real listener, then cancelled by descriptor:
+    // an old kernel refuses the first with EINVAL, and the second (no such
+    // flag) with EINVAL too.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let fd = Fd(listener.as_raw_fd());
+    let accept = opcode::AcceptMulti::new(fd).build().user_data(1);
+    let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(fd).all())
+        .build()
+        .user_data(2);
+    // SAFETY: neither entry carries a pointer; the listener outlives the
+    // ring's use of it (we wait for both completions below).
+    unsafe {
+        let mut sq = ring.submission();
+        let _ = sq.push(&accept);
+    }
+    ring.submit()?;
+    // SAFETY: as above.
+    unsafe {
+        let _ = ring.submission().push(&cancel);
+    }
+    ring.submit_and_wait(2)?;
+    let (mut accept_res, mut cancel_res) = (None, None);
+    for _ in 0..100 {
+        for cqe in ring.completion() {
+            match cqe.user_data() {
+                1 if !cqueue::more(cqe.flags()) => accept_res = Some(cqe.result()),
+                2 => cancel_res = Some(cqe.result()),
+                _ => {}
+            }
+        }
+        if accept_res.is_some() && cancel_res.is_some() {
+            break;
+        }
+        let ts = Timespec::from(Duration::from_millis(10));
+        let _ = ring
+            .submitter()
+            .submit_with_args(1, &SubmitArgs::new().timespec(&ts));
+    }
+    if off("multishot_accept") || accept_res != Some(-libc::ECANCELED) {
+        return Err(missing("multishot accept"));
+    }
+    if off("cancel_fd") || !matches!(cancel_res, Some(r) if r >= 0) {
+        return Err(missing("cancel by descriptor"));
     }
     Ok(())
 }

@@ -1,0 +1,280 @@
+//! A connection's end: `on_close` once, then flushing, the FIN, lingering
+//! for the peer, and freeing the slot only when no operation of it is in
+//! flight; and the timeouts that cut each step short.
+
+use std::time::{Duration, Instant};
+
+use super::guard::contain;
+use super::slot::{Closing, Phase, Recv, Slot};
+use super::Core;
+use crate::error::CloseReason;
+use crate::handler::Handler;
+use crate::sys::{self, Driver};
+use crate::timer::{Entry, TICK};
+
+fn ticks(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(TICK.as_nanos()) as u64
+}
+
+impl<H: Handler> Core<H> {
+    /// Starts closing an open connection: `on_close` runs now, once.
+    pub(super) fn close(&mut self, key: u32, reason: CloseReason, flush: bool) {
+        let Phase::Open(open) = &self.conns[key as usize].phase else {
+            return;
+        };
+        let peer_done = open.eof;
+        self.shared().live.set_closed(key);
+        self.counters.closed += 1;
+        self.counters.open -= 1;
+        self.conns[key as usize].ctl.open = false;
+        let id = self.id_of(key);
+        let handler = self.handler.clone();
+        if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_close(conn, reason))) {
+            self.panicked("on_close", &id, &why);
+        }
+        self.start_closing(key, flush, peer_done);
+    }
+
+    /// An open connection failed (reset, or a send error): close at once,
+    /// nothing more can be sent or read.
+    pub(super) fn close_failed(&mut self, key: u32, e: std::io::Error) {
+        if let Phase::Open(open) = &mut self.conns[key as usize].phase {
+            open.eof = true;
+        }
+        self.close(key, CloseReason::Io(e.kind()), false);
+        self.start_draining(key);
+    }
+
+    /// A send failed: the connection is broken both ways.
+    pub(super) fn send_failed(&mut self, key: u32, e: std::io::Error) {
+        let slot = &mut self.conns[key as usize];
+        slot.ctl.out.clear();
+        slot.ctl.unsent = 0;
+        match slot.phase {
+            Phase::Open(_) => self.close_failed(key, e),
+            Phase::Closing(_) => self.start_draining(key),
+            Phase::Connecting => {}
+        }
+    }
+
+    /// The peer finished while we were closing: stop waiting for it.
+    pub(super) fn closing_peer_done(&mut self, key: u32, failed: bool) {
+        let slot = &mut self.conns[key as usize];
+        match &mut slot.phase {
+            Phase::Closing(Closing::Flushing { peer_done, .. }) if !failed => *peer_done = true,
+            Phase::Closing(Closing::Draining { .. }) => {}
+            Phase::Closing(_) => self.start_draining(key),
+            _ => {}
+        }
+    }
+
+    /// Leaves the open phase. With `flush`, what is queued goes out first;
+    /// without, it is dropped. Held input is dropped either way: no message
+    /// is delivered after `on_close`.
+    pub(super) fn start_closing(&mut self, key: u32, flush: bool, peer_done: bool) {
+        let slot = &mut self.conns[key as usize];
+        slot.ctl.open = false;
+        if flush {
+            slot.phase = Phase::Closing(Closing::Flushing {
+                // No deadline of its own (a peer that stops reading is cut
+                // off by the write-stall timeout), except a shutdown's.
+                deadline: self.shutdown,
+                peer_done,
+            });
+            self.arm_timer(key);
+            self.touch(key);
+        } else {
+            // Nothing more goes out, not even a send stuck in flight: the
+            // FIN now, and linger (or cancel) as after a flush.
+            self.drop_queued(key);
+            self.finish_writing(key, self.shutdown, peer_done);
+        }
+    }
+
+    /// Everything that will be sent is with the kernel: send the FIN and
+    /// linger for the peer, or, if it has finished already, end.
+    fn finish_writing(&mut self, key: u32, deadline: Option<Instant>, peer_done: bool) {
+        if peer_done {
+            return self.start_draining(key);
+        }
+        let slot = &mut self.conns[key as usize];
+        sys::shutdown_write(&slot.socket);
+        let linger = self.now + self.limits.close_linger;
+        let deadline = deadline.map_or(linger, |d| d.min(linger));
+        slot.phase = Phase::Closing(Closing::Lingering { deadline });
+        self.arm_timer(key);
+        self.touch(key);
+    }
+
+    fn drop_queued(&mut self, key: u32) {
+        let slot = &mut self.conns[key as usize];
+        slot.ctl.out.clear();
+        slot.ctl.unsent = 0;
+        if let Some(mut batch) = slot.io.leftover.take() {
+            batch.bufs.clear();
+            batch.offset = 0;
+            self.spare_batches.push(batch);
+        }
+    }
+
+    fn start_draining(&mut self, key: u32) {
+        self.drop_queued(key);
+        let slot = &mut self.conns[key as usize];
+        if !matches!(slot.phase, Phase::Closing(Closing::Draining { .. })) {
+            slot.phase = Phase::Closing(Closing::Draining { cancelled: false });
+        }
+        self.touch(key);
+    }
+
+    pub(super) fn advance_closing(&mut self, driver: &mut Driver, key: u32) {
+        let slot = &mut self.conns[key as usize];
+        let Phase::Closing(closing) = &mut slot.phase else {
+            return;
+        };
+        match *closing {
+            Closing::Flushing {
+                deadline,
+                peer_done,
+            } => {
+                self.start_send(driver, key);
+                let slot = &mut self.conns[key as usize];
+                let flushed =
+                    !slot.io.sending && slot.ctl.out.is_empty() && slot.io.leftover.is_none();
+                if !flushed {
+                    if !peer_done && slot.io.recv == Recv::Idle {
+                        // Keep reading (and discarding) so the peer's
+                        // window stays open and its FIN or reset is seen.
+                        slot.io.recv = Recv::Armed;
+                        driver.recv(key, &slot.socket);
+                    }
+                    return;
+                }
+                self.finish_writing(key, deadline, peer_done);
+            }
+            Closing::Lingering { .. } => {
+                if slot.io.recv == Recv::Idle {
+                    slot.io.recv = Recv::Armed;
+                    driver.recv(key, &slot.socket);
+                }
+            }
+            Closing::Draining { cancelled } => {
+                if slot.io.busy() {
+                    if !cancelled {
+                        *closing = Closing::Draining { cancelled: true };
+                        driver.cancel(key, &slot.socket);
+                    }
+                    return;
+                }
+                self.free(key);
+            }
+        }
+    }
+
+    /// Releases a slot whose operations have all ended.
+    fn free(&mut self, key: u32) {
+        let slot = self.conns.remove(key as usize);
+        debug_assert!(!slot.io.busy());
+        // Every slot was admitted under the caps (inbound per peer IP).
+        let ip = (!slot.outbound).then(|| slot.peer.ip());
+        self.handle.shared.release(ip);
+        if let Some(mut batch) = slot.io.leftover {
+            batch.bufs.clear();
+            batch.offset = 0;
+            self.spare_batches.push(batch);
+        }
+        // Dropping `slot.socket` closes the descriptor.
+    }
+
+    /// The tick at which this connection next needs a look, if any.
+    fn due_tick(&self, slot: &Slot<H::State>) -> Option<u64> {
+        let l = &self.limits;
+        let stall = l
+            .write_stall_timeout
+            .filter(|_| slot.ctl.unsent > 0)
+            .map(|d| slot.last_write_tick + ticks(d));
+        let at = |d: Instant| self.wheel.tick_of(d);
+        match &slot.phase {
+            Phase::Connecting => None,
+            Phase::Open(open) => [
+                // Idle time does not run while wharf itself paused reading:
+                // a peer that is sending is not idle (the write-stall
+                // timeout covers a peer that stopped reading).
+                l.idle_timeout
+                    .filter(|_| !open.congested)
+                    .map(|d| slot.last_recv_tick + ticks(d)),
+                l.first_message_timeout
+                    .filter(|_| !open.got_message)
+                    .map(|d| slot.opened_tick + ticks(d)),
+                stall,
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            Phase::Closing(Closing::Flushing { deadline, .. }) => {
+                [deadline.map(at), stall].into_iter().flatten().min()
+            }
+            Phase::Closing(Closing::Lingering { deadline }) => Some(at(*deadline)),
+            Phase::Closing(Closing::Draining { .. }) => None,
+        }
+    }
+
+    /// Makes sure the wheel looks at this slot no later than it is due.
+    pub(super) fn arm_timer(&mut self, key: u32) {
+        let slot = &self.conns[key as usize];
+        let Some(due) = self.due_tick(slot) else {
+            return;
+        };
+        if slot.timer.is_some_and(|t| t <= due) {
+            return;
+        }
+        let generation = slot.generation;
+        let tick = self.wheel.schedule_tick(key, generation, due);
+        self.conns[key as usize].timer = Some(tick);
+    }
+
+    pub(super) fn timer_fired(&mut self, entry: Entry) {
+        let Some(slot) = self.conns.get_mut(entry.slot as usize) else {
+            return;
+        };
+        if slot.generation != entry.generation || slot.timer != Some(entry.tick) {
+            return; // a stale entry: a newer one stands for this slot
+        }
+        slot.timer = None;
+        let key = entry.slot;
+        let slot = &self.conns[key as usize];
+        match self.due_tick(slot) {
+            Some(due) if due <= self.now_tick => self.expire(key),
+            Some(_) => self.arm_timer(key),
+            None => {}
+        }
+    }
+
+    /// A deadline of this connection passed.
+    fn expire(&mut self, key: u32) {
+        let now = self.now_tick;
+        let l = self.limits;
+        let slot = &self.conns[key as usize];
+        match &slot.phase {
+            Phase::Open(open) => {
+                self.counters.timed_out += 1;
+                let stalled = l
+                    .write_stall_timeout
+                    .is_some_and(|d| slot.ctl.unsent > 0 && slot.last_write_tick + ticks(d) <= now);
+                let first = l
+                    .first_message_timeout
+                    .is_some_and(|d| !open.got_message && slot.opened_tick + ticks(d) <= now);
+                let (reason, flush) = if stalled {
+                    (CloseReason::WriteStalled, false)
+                } else if first {
+                    (CloseReason::FirstMessageTimeout, true)
+                } else {
+                    (CloseReason::IdleTimeout, true)
+                };
+                self.close(key, reason, flush);
+            }
+            // Out of time: drop what is unsent and stop waiting for the peer.
+            Phase::Closing(_) => self.start_draining(key),
+            Phase::Connecting => {}
+        }
+    }
+}

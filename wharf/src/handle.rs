@@ -1,0 +1,356 @@
+//! What every thread shares with the loops (`Shared`, one `LoopShared` per
+//! loop), and `Handle`, which reaches connections from any thread through
+//! it.
+
+use std::io;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{FrameError, Framing};
+use crate::error::SendError;
+use crate::id::{ConnId, LiveTable};
+use crate::limits::{ConnCounter, Limits};
+use crate::mailbox::{Command, Mailbox};
+
+/// Reaches a server's connections from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("loops", &self.shared.loops.len())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Sends one message to connection `id`.
+    ///
+    /// Fails at once with [`SendError::Closed`] if `id` is not open (a stale
+    /// id never reaches a newer connection in the same slot, nor one of
+    /// another server), and with [`SendError::Backpressure`] while the
+    /// connection is over its high-water mark or while the bytes other
+    /// threads have sent it and its loop has not yet taken are over the
+    /// mark: a connection holds at most about twice the high mark plus two
+    /// frames, however many threads send to it. [`Handle::wait_writable`]
+    /// waits for it to drain. A connection that closes after this returns
+    /// `Ok` drops the message.
+    pub fn send(&self, id: ConnId, msg: Bytes) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        if l.live.state(id) == Some(true) {
+            return Err(SendError::Backpressure);
+        }
+        let max = self.shared.framing.max_frame();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        let len = msg.len();
+        if !l.live.post(id.slot(), len, self.shared.limits.high_water) {
+            return Err(SendError::Backpressure);
+        }
+        l.mailbox.post(Command::Send(id, msg)).map_err(|_| {
+            l.live.unpost(id.slot(), len);
+            l.refusal()
+        })
+    }
+
+    /// Waits up to `timeout` until connection `id` takes sends again (it is
+    /// under its high-water mark and what other threads sent it has reached
+    /// its loop): `Ok(true)`; `Ok(false)` if the time ran out. Fails like
+    /// [`send`](Self::send) once the connection is closed. For threads
+    /// other than the loop's, which hears of it through `Handler::on_drain`.
+    pub fn wait_writable(&self, id: ConnId, timeout: Duration) -> Result<bool, SendError> {
+        let until = Instant::now() + timeout;
+        let l = self.open_loop(id)?;
+        let writable = || match l.live.state(id) {
+            Some(false) => Ok(l.live.posted(id.slot()) <= self.shared.limits.high_water),
+            Some(true) => Ok(false),
+            None => Err(self.open_loop(id).err().unwrap_or(SendError::Closed)),
+        };
+        l.drained.wait_until(until, writable)
+    }
+
+    /// Sends one message to every open connection. It is encoded once and
+    /// shared by all of them.
+    pub fn broadcast(&self, msg: Bytes) -> Result<(), SendError> {
+        self.check_running()?;
+        let wire = self
+            .shared
+            .framing
+            .encode_shared(&msg)
+            .map_err(|e| match e {
+                FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
+                FrameError::Invalid(why) => SendError::Encode(why),
+            })?;
+        for l in &self.shared.loops {
+            // A loop that has ended has no connections to reach.
+            let _ = l.mailbox.post(Command::Broadcast(wire.clone()));
+        }
+        Ok(())
+    }
+
+    /// Closes connection `id` after what is queued for it has been sent; its
+    /// `on_close` gets [`CloseReason::Disconnected`](crate::CloseReason::Disconnected).
+    pub fn disconnect(&self, id: ConnId) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        l.mailbox
+            .post(Command::Disconnect(id))
+            .map_err(|_| l.refusal())
+    }
+
+    /// Opens an outbound connection on one of the loops. It gets the same
+    /// callbacks as an accepted one (`Conn::is_outbound` tells them apart);
+    /// a failure calls `Handler::on_connect_failed`, also when the server
+    /// shuts down before the connect is carried out.
+    pub fn connect(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(io::Error::other("server stopped"));
+        }
+        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
+        })?;
+        let loops = &self.shared.loops;
+        let first = self.shared.next_loop.fetch_add(1, Ordering::Relaxed);
+        let mut command = Command::Connect(addr);
+        // A loop that failed refuses the post: try the others.
+        for i in 0..loops.len() {
+            match loops[(first + i) % loops.len()].mailbox.post(command) {
+                Ok(()) => return Ok(()),
+                Err(back) => command = back,
+            }
+        }
+        Err(io::Error::other("every event loop has ended"))
+    }
+
+    /// Whether `id` names an open connection.
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.open_loop(id).is_ok()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.stats().connections as usize
+    }
+
+    /// Counters summed over every loop (each loop publishes its own once per
+    /// turn, so they lag by at most one turn).
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for l in &self.shared.loops {
+            let t = &l.stats;
+            s.connections += t.open.load(Ordering::Relaxed);
+            s.accepted += t.accepted.load(Ordering::Relaxed);
+            s.refused += t.refused.load(Ordering::Relaxed);
+            s.closed += t.closed.load(Ordering::Relaxed);
+            s.messages_in += t.messages_in.load(Ordering::Relaxed);
+            s.messages_out += t.messages_out.load(Ordering::Relaxed);
+            s.bytes_in += t.bytes_in.load(Ordering::Relaxed);
+            s.bytes_out += t.bytes_out.load(Ordering::Relaxed);
+            s.recv_buffer_waits += t.recv_buffer_waits.load(Ordering::Relaxed);
+            s.timed_out += t.timed_out.load(Ordering::Relaxed);
+            s.broadcast_skipped += t.broadcast_skipped.load(Ordering::Relaxed);
+            s.accept_pauses += t.accept_pauses.load(Ordering::Relaxed);
+            s.handler_panics += t.handler_panics.load(Ordering::Relaxed);
+            s.failed_loops += u64::from(l.failed.load(Ordering::Acquire));
+        }
+        s
+    }
+
+    fn check_running(&self) -> Result<(), SendError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            Err(SendError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn open_loop(&self, id: ConnId) -> Result<&LoopShared, SendError> {
+        self.check_running()?;
+        if id.server() != self.shared.tag {
+            return Err(SendError::Closed); // an id of another server
+        }
+        match self.shared.loops.get(id.loop_index()) {
+            Some(l) if l.failed.load(Ordering::Acquire) => Err(SendError::LoopFailed),
+            Some(l) if l.live.state(id).is_some() => Ok(l),
+            _ => Err(SendError::Closed),
+        }
+    }
+}
+
+/// Live counters of a server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections opened so far (accepted or connected).
+    pub accepted: u64,
+    /// Connections refused (over `max_connections`, or during shutdown).
+    pub refused: u64,
+    /// Connections closed so far.
+    pub closed: u64,
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages queued for sending.
+    pub messages_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+    /// Times a receive paused because every pooled receive buffer was in
+    /// use (often: raise `Builder::recv_buffers`).
+    pub recv_buffer_waits: u64,
+    /// Connections closed by a timeout (idle, first message, write stall).
+    pub timed_out: u64,
+    /// Broadcast messages not queued to a peer over its high-water mark.
+    pub broadcast_skipped: u64,
+    /// Times accepting paused on an error such as running out of
+    /// descriptors (EMFILE).
+    pub accept_pauses: u64,
+    /// Handler callbacks that panicked (each closed its connection with
+    /// [`CloseReason::HandlerPanic`](crate::CloseReason::HandlerPanic)).
+    pub handler_panics: u64,
+    /// Event loops that failed (their driver returned an error) and closed
+    /// their connections with
+    /// [`CloseReason::LoopFailed`](crate::CloseReason::LoopFailed).
+    pub failed_loops: u64,
+}
+
+/// What every thread may see of one loop.
+pub(crate) struct LoopShared {
+    pub(crate) mailbox: Mailbox,
+    pub(crate) live: LiveTable,
+    pub(crate) stats: LoopStats,
+    pub(crate) drained: Drained,
+    /// The loop's driver failed: its connections are closed.
+    failed: AtomicBool,
+}
+
+impl LoopShared {
+    pub(crate) fn new(slots: usize) -> LoopShared {
+        LoopShared {
+            mailbox: Mailbox::new(),
+            live: LiveTable::new(slots),
+            stats: LoopStats::default(),
+            drained: Drained::default(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The error for a post this loop's mailbox refused (the loop ended).
+    fn refusal(&self) -> SendError {
+        if self.failed.load(Ordering::Acquire) {
+            SendError::LoopFailed
+        } else {
+            SendError::Stopped
+        }
+    }
+}
+
+/// Tells threads waiting in `Handle::wait_writable` that something changed
+/// on the loop (a connection drained or closed, sends were taken). The loop
+/// pays one atomic load per turn while nobody waits.
+#[derive(Default)]
+pub(crate) struct Drained {
+    waiters: AtomicUsize,
+    epoch: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl Drained {
+    /// Once per turn (loop thread): wakes the waiters, if any.
+    pub(crate) fn notify_if_waited(&self) {
+        if self.waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.cond.notify_all();
+    }
+
+    fn wait_until(
+        &self,
+        until: Instant,
+        mut ready: impl FnMut() -> Result<bool, SendError>,
+    ) -> Result<bool, SendError> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let result = (|| {
+            let mut epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                // Checked under the lock: a notify after this check waits
+                // for the lock, so it cannot be missed.
+                if ready()? {
+                    return Ok(true);
+                }
+                let now = Instant::now();
+                if now >= until {
+                    return Ok(false);
+                }
+                // Bounded waits: a state change the loop did not notify
+                // (a turn that ended without one) is seen within 50 ms.
+                let wait = (until - now).min(Duration::from_millis(50));
+                epoch = self
+                    .cond
+                    .wait_timeout(epoch, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        })();
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// One loop's counters; written by that loop only, once per turn.
+#[derive(Default)]
+pub(crate) struct LoopStats {
+    pub(crate) open: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) recv_buffer_waits: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) broadcast_skipped: AtomicU64,
+    pub(crate) accept_pauses: AtomicU64,
+    pub(crate) handler_panics: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    /// Tells this server's ids from another's in the same process.
+    pub(crate) tag: u32,
+    pub(crate) loops: Vec<LoopShared>,
+    pub(crate) framing: Framing,
+    pub(crate) next_loop: AtomicUsize,
+    pub(crate) stopped: AtomicBool,
+    pub(crate) conns: ConnCounter,
+    pub(crate) limits: Limits,
+}
+
+impl Shared {
+    /// Counts a new connection if the caps allow (`ip`: inbound peer).
+    pub(crate) fn admit(&self, ip: Option<IpAddr>) -> bool {
+        self.conns.admit(ip, &self.limits)
+    }
+
+    /// Uncounts a connection when its descriptor is closed.
+    pub(crate) fn release(&self, ip: Option<IpAddr>) {
+        self.conns.release(ip, &self.limits)
+    }
+}
