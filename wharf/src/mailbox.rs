@@ -141,6 +141,10 @@ impl<C, W: Wake> Mailbox<C, W> {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.closed = true;
         self.pending.store(false, Ordering::Release);
+        // Nothing will wake the loop again: let its waker's descriptor go
+        // with the driver rather than live as long as the last `Handle`.
+        self.has_waker.store(false, Ordering::Release);
+        self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
         std::mem::take(&mut queue.commands)
     }
 }

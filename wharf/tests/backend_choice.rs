@@ -132,3 +132,64 @@ fn auto_picks_the_platform_default_and_env_overrides() {
     assert_eq!(server.backend(), expected);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
+
+/// Runs inside the child process started below, with `WHARF_URING_DISABLE`
+/// naming one io_uring feature the probe must treat as missing.
+#[test]
+#[ignore = "runs only as the child of auto_falls_back_when_an_io_uring_feature_is_missing"]
+fn child_with_an_io_uring_feature_missing() {
+    let feature = std::env::var("WHARF_URING_DISABLE").expect("set by the parent");
+    let server = Server::builder()
+        .bind("127.0.0.1:0")
+        .unwrap()
+        .start(Echo::default())
+        .unwrap();
+    assert_eq!(
+        server.backend(),
+        Backend::Poll,
+        "Auto chose io_uring without {feature}"
+    );
+    let mut s = connect(server.local_addr());
+    write_frame(&mut s, b"served");
+    assert_eq!(read_frame(&mut s).unwrap(), b"served");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    // Asked for by name, io_uring fails to start with a clear error.
+    let e = Server::builder()
+        .backend(Backend::Uring)
+        .start(Echo::default())
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "{e}");
+    println!("CHILD OK: {e}");
+}
+
+/// A kernel of 5.10 to 5.18 has the opcode numbers but not buffer rings,
+/// multishot accept or cancel-by-descriptor: `Auto` must see that (the
+/// probe tries each for real) and fall back to poll. Each missing feature
+/// is injected in turn.
+#[cfg(target_os = "linux")]
+#[test]
+fn auto_falls_back_when_an_io_uring_feature_is_missing() {
+    for feature in ["buf_ring", "multishot_accept", "cancel_fd"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_with_an_io_uring_feature_missing",
+                "--nocapture",
+            ])
+            .env_remove("WHARF_BACKEND")
+            .env("WHARF_URING_DISABLE", feature)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{feature}: child failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("CHILD OK"),
+            "{feature}: child did not run:\n{stdout}\n{stderr}"
+        );
+    }
+}

@@ -299,7 +299,14 @@ fn a_connection_paused_by_backpressure_is_not_closed_as_idle() {
             .unwrap()
             .start(echo.clone())
             .unwrap();
-        let mut s = connect(server.local_addr());
+        // A small receive buffer on our side, so the replies back up into
+        // the server's queue at once and keep it over its mark.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&server.local_addr().into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_nodelay(true).unwrap();
         let bodies: Vec<Vec<u8>> = (0..300).map(|i| pattern(i, 4096)).collect();
         let mut wire = Vec::new();
@@ -310,7 +317,8 @@ fn a_connection_paused_by_backpressure_is_not_closed_as_idle() {
         let writer = std::thread::spawn(move || w.write_all(&wire).unwrap());
         // Not reading for three idle timeouts: the server is paused.
         std::thread::sleep(Duration::from_millis(1000));
-        assert_eq!(echo.closed.load(Ordering::SeqCst), 0, "closed while paused");
+        let reasons = echo.reasons.lock().unwrap().clone();
+        assert!(reasons.is_empty(), "closed while paused: {reasons:?}");
         for (i, body) in bodies.iter().enumerate() {
             let got = read_frame(&mut s).unwrap_or_else(|e| panic!("reply {i}: {e}"));
             assert!(&got == body, "reply {i} is corrupt");
@@ -361,19 +369,25 @@ fn connects_during_shutdown_are_answered() {
             let poster = {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
+                    // Before, during and after the shutdown; bounded, as
+                    // each is a descriptor of this process for a while.
                     let mut accepted = 0;
-                    while !stop.load(Ordering::SeqCst) {
+                    let mut tries = 0;
+                    while !stop.load(Ordering::SeqCst) && tries < 2000 {
+                        tries += 1;
                         if handle.connect(addr).is_ok() {
                             accepted += 1;
                         }
+                        if tries % 50 == 0 {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                     }
-                    // One more after the stop: refused, or answered.
-                    accepted + usize::from(handle.connect(addr).is_ok())
+                    accepted
                 })
             };
-            std::thread::sleep(Duration::from_millis(20));
-            stop.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
             client.shutdown(Duration::from_secs(1)).unwrap();
+            stop.store(true, Ordering::SeqCst);
             let accepted = poster.join().unwrap();
             let answered = h.opened.load(Ordering::SeqCst) + h.failed.load(Ordering::SeqCst);
             assert_eq!(
