@@ -21,7 +21,7 @@ use windows_sys::Win32::System::IO::{CancelIoEx, OVERLAPPED_ENTRY};
 use super::op::{last_wsa_error, Kind, Op, OpBox, StartsWithOp};
 use super::{raw, Done, Driver};
 use crate::sys::windows::{Listener, Socket};
-use crate::sys::Event;
+use crate::sys::{Event, Flow};
 
 /// Room for one address in an `AcceptEx` buffer: the largest address plus
 /// the 16 bytes the call requires.
