@@ -230,14 +230,13 @@ impl Driver {
             let n = unsafe { recv(socket, self.buf.as_mut_ptr(), len, 0) };
             if n > 0 {
                 let n = n as usize;
-                let flow = f(Event::Received {
+                // The loop's `Flow::Pause` is not acted on here yet: it
+                // holds what arrives past the mark (at most this turn's
+                // reads) until the queue drains.
+                let _ = f(Event::Received {
                     slot,
                     data: &self.buf[..n],
                 });
-                if flow == Flow::Pause {
-                    // Between reads: the loop cancels the receive next.
-                    return;
-                }
                 if n < self.buf.len() {
                     // Probably dry: the zero-byte receive completes at once
                     // if it is not.
