@@ -127,10 +127,9 @@ fn zeroed<T>(len: usize) -> Box<[T]> {
     if ptr.is_null() {
         alloc::handle_alloc_error(layout);
     }
-    // SAFETY: `ptr` was allocated by the global allocator with the layout of
-    // `[T; len]` (so the box frees it with the same layout), and is aligned
-    // for `T`. It is used only with `T` = `AtomicU64` or `AtomicUsize`, for
-    // which all-zero bytes are a valid value (0).
+    // `T` is `AtomicU64` or `AtomicUsize` (see `new`): zero bytes are 0.
+    // SAFETY: allocated with the layout of `[T; len]` (the box frees it so)
+    // and aligned for `T`, whose all-zero bytes are a valid value.
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
 }
 

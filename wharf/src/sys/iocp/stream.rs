@@ -291,10 +291,9 @@ impl Driver {
             }
         }
         let (overlapped, _) = io.send.start(io.socket, slot);
-        // SAFETY: the batch is boxed and kept in the slot (below) until the
-        // completion, so its buffers and WSABUFs outlive the send (a driver
-        // dropped first leaks it); the OVERLAPPED lives in the slot's send
-        // op, not freed while pending. Winsock only reads the buffers.
+        // The box is kept in the slot (below) until the completion; a driver
+        // dropped first leaks it. Winsock only reads the buffers.
+        // SAFETY: buffers, WSABUFs and the slot's OVERLAPPED outlive the send.
         let rc = unsafe {
             WSASend(
                 io.socket,

@@ -201,11 +201,9 @@ impl Driver {
             .flags(super::unix::SEND_FLAGS as u32)
             .build()
             .user_data(tag(SEND, slot));
-        // SAFETY: the batch is boxed (moving the box does not move what the
-        // pointers name) and is kept in `sending` until the completion, so
-        // its buffers, iovecs and header outlive the operation; if the
-        // driver is dropped first, `Drop` leaks it. MSG_NOSIGNAL keeps a
-        // reset peer from raising SIGPIPE.
+        // The box stays in `sending` until the completion (`Drop` leaks it if
+        // the driver goes first); MSG_NOSIGNAL: no SIGPIPE from a reset peer.
+        // SAFETY: the batch's buffers, iovecs and header outlive the send.
         unsafe { self.push(entry) };
         let i = slot as usize;
         if self.sending.len() <= i {
