@@ -235,6 +235,7 @@ impl Builder {
     pub fn start<H: Handler>(self, handler: H) -> io::Result<Server> {
         let backend = sys::choose(Backend::from_env().unwrap_or(self.backend))?;
         let threads = self.threads;
+        let handle = self.handle(threads);
         // One listener per loop and address, sharing the port.
         let mut per_loop: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
@@ -258,17 +259,6 @@ impl Builder {
             }
             per_loop[0].push(first);
         }
-        let slots = self.limits.max_connections;
-        let shared = Arc::new(Shared {
-            tag: next_server_tag(),
-            loops: (0..threads).map(|_| LoopShared::new(slots)).collect(),
-            framing: self.framing.clone(),
-            next_loop: AtomicUsize::new(0),
-            stopped: AtomicBool::new(false),
-            conns: ConnCounter::default(),
-            limits: self.limits,
-        });
-        let handle = Handle { shared };
         let handler = Arc::new(handler);
         let driver = DriverConfig {
             recv_buffers: self.recv_buffers,
@@ -321,6 +311,56 @@ impl Builder {
             }
         }
         Ok(server)
+    }
+}
+
+impl Builder {
+    /// What every thread shares with `threads` loops.
+    fn handle(&self, threads: usize) -> Handle {
+        let slots = self.limits.max_connections;
+        let shared = Arc::new(Shared {
+            tag: next_server_tag(),
+            loops: (0..threads).map(|_| LoopShared::new(slots)).collect(),
+            framing: self.framing.clone(),
+            next_loop: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+            conns: ConnCounter::default(),
+            limits: self.limits,
+        });
+        Handle { shared }
+    }
+
+    /// One loop on the scripted driver, to run on this thread (the tests'
+    /// seam: see `sys::fake` and `crate::scripted`).
+    #[cfg(all(unix, any(test, fuzzing)))]
+    pub(crate) fn scripted<H: Handler>(
+        self,
+        handler: H,
+        driver: sys::fake::Driver,
+    ) -> (EventLoop<H>, Handle) {
+        let handle = self.handle(1);
+        let config = LoopConfig {
+            index: 0,
+            driver: DriverConfig {
+                recv_buffers: self.recv_buffers,
+                recv_buffer_size: self.recv_buffer_size,
+                queue_depth: self.queue_depth,
+                backend: Backend::Poll,
+            },
+            framing: self.framing.clone(),
+            socket_options: self.socket_options,
+            limits: self.limits,
+            spread_accepts: false,
+        };
+        let listener = sys::fake::placeholder();
+        let event_loop = EventLoop::with_driver(
+            config,
+            Arc::new(handler),
+            handle.clone(),
+            vec![listener],
+            sys::Driver::Fake(driver),
+        );
+        (event_loop, handle)
     }
 }
 

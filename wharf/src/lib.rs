@@ -38,6 +38,8 @@ mod handler;
 mod id;
 mod limits;
 mod mailbox;
+#[cfg(all(unix, any(test, fuzzing)))]
+mod scripted;
 mod sendq;
 mod server;
 mod sys;

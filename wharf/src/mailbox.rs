@@ -42,7 +42,7 @@ pub(crate) enum Command {
     Connect(SocketAddr),
     /// Take over a connection another loop accepted (loops that share one
     /// listening socket spread their accepts this way).
-    Adopt(Socket),
+    Adopt(Socket, Option<SocketAddr>),
     /// Stop accepting, flush and close everything, exit by the deadline.
     Shutdown(Instant),
 }

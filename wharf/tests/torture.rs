@@ -30,7 +30,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use util::*;
-use wharf::{Backend, Bytes, CloseReason, Conn, ConnId, Framing, Handler, Server};
+use wharf::{Backend, Bytes, CloseReason, Conn, ConnId, Framing, Handler, SendError, Server};
 
 const MAX_FRAME: usize = 256 * 1024;
 
@@ -364,8 +364,10 @@ fn run(backend: Backend, seed: u64, secs: u64) {
     let addr = server.local_addr();
     let handle = server.handle();
     // Other threads' sends and disconnects, a little late on purpose.
+    let held_back = Arc::new(AtomicU64::new(0));
     let worker = {
         let handle = handle.clone();
+        let held_back = held_back.clone();
         let mut rng = Rng(rng.next() | 1);
         std::thread::spawn(move || {
             for job in rx {
@@ -374,9 +376,19 @@ fn run(backend: Backend, seed: u64, secs: u64) {
                 }
                 match job {
                     Job::Send(id, reply) => {
-                        // Refused only for a closed connection (the
-                        // client then sees a missing reply: a failure).
-                        let _ = handle.send(id, reply);
+                        // Over the connection's mark: wait until it drains,
+                        // as a user's thread would. Refused otherwise only
+                        // for a closed connection (the client then sees a
+                        // missing reply: a failure).
+                        for _ in 0..100 {
+                            match handle.send(id, reply.clone()) {
+                                Err(SendError::Backpressure) => {
+                                    held_back.fetch_add(1, Ordering::Relaxed);
+                                    let _ = handle.wait_writable(id, Duration::from_millis(200));
+                                }
+                                _ => break,
+                            }
+                        }
                     }
                     Job::Disconnect(id) => {
                         let _ = handle.disconnect(id);
@@ -450,7 +462,9 @@ fn run(backend: Backend, seed: u64, secs: u64) {
         t.cut_by_shutdown
     );
     eprintln!(
-        "  server close reasons: {reasons:?}; shutdown took {took:?} (deadline {deadline:?})"
+        "  server close reasons: {reasons:?}; shutdown took {took:?} (deadline {deadline:?}); \
+         {} sends from the worker thread waited for a drain",
+        held_back.load(Ordering::Relaxed)
     );
     assert!(
         failures.is_empty(),

@@ -17,30 +17,30 @@ use crate::mailbox::Command;
 use crate::sys::{self, Driver, Flow, RecvEnd, SendBatch, Socket};
 
 impl<H: Handler> Core<H> {
-    pub(super) fn accepted(&mut self, _listener: u32, socket: Socket) {
+    pub(super) fn accepted(&mut self, _listener: u32, socket: Socket, peer: Option<SocketAddr>) {
         let loops = &self.handle.shared.loops;
         if self.spread_accepts && self.shutdown.is_none() {
             let target = self.next_adopter % loops.len();
             self.next_adopter = self.next_adopter.wrapping_add(1);
             if target != self.index {
                 // A loop that has ended gives the socket back: keep it.
-                match loops[target].mailbox.post(Command::Adopt(socket)) {
+                match loops[target].mailbox.post(Command::Adopt(socket, peer)) {
                     Ok(()) => return,
-                    Err(Command::Adopt(socket)) => return self.adopt(socket),
+                    Err(Command::Adopt(socket, peer)) => return self.adopt(socket, peer),
                     Err(_) => unreachable!("a refused post hands its command back"),
                 }
             }
         }
-        self.adopt(socket);
+        self.adopt(socket, peer);
     }
 
     /// Makes an accepted connection one of this loop's.
-    pub(super) fn adopt(&mut self, socket: Socket) {
+    pub(super) fn adopt(&mut self, socket: Socket, peer: Option<SocketAddr>) {
         if self.shutdown.is_some() {
             self.counters.refused += 1;
             return; // dropping the socket closes it
         }
-        let peer = match sys::peer_addr(&socket) {
+        let peer = match peer.map_or_else(|| sys::peer_addr(&socket), Ok) {
             Ok(peer) => peer,
             Err(_) => return, // already reset by the peer
         };
@@ -147,6 +147,13 @@ impl<H: Handler> Core<H> {
         let Phase::Open(open) = &mut slot.phase else {
             return Flow::Continue; // closing: read only to be discarded
         };
+        if slot.ctl.close_request.is_some() {
+            // Closing at the end of this turn (the handler asked, or it
+            // panicked): the rest of the stream is never read as messages,
+            // and the bytes held after the last one were dropped, so these
+            // could not be framed anyway.
+            return Flow::Continue;
+        }
         slot.last_recv_tick = self.stamp_tick;
         if open.congested || !open.held.is_empty() || slot.ctl.unsent > high {
             // Back-pressure: keep what arrives until the queue drains (the

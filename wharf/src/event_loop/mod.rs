@@ -124,7 +124,18 @@ impl<H: Handler> EventLoop<H> {
         handle: Handle,
         listeners: Vec<Listener>,
     ) -> std::io::Result<Self> {
-        let mut driver = Driver::new(&config.driver)?;
+        let driver = Driver::new(&config.driver)?;
+        Ok(Self::with_driver(config, handler, handle, listeners, driver))
+    }
+
+    /// A loop on a driver made elsewhere (the tests' scripted driver).
+    pub(crate) fn with_driver(
+        config: LoopConfig,
+        handler: Arc<H>,
+        handle: Handle,
+        listeners: Vec<Listener>,
+        mut driver: Driver,
+    ) -> Self {
         let listeners: Vec<ListenerState> = listeners
             .into_iter()
             .enumerate()
@@ -141,7 +152,7 @@ impl<H: Handler> EventLoop<H> {
             .mailbox
             .set_waker(driver.waker());
         let now = Instant::now();
-        Ok(EventLoop {
+        EventLoop {
             driver,
             core: Core {
                 index: config.index,
@@ -167,20 +178,26 @@ impl<H: Handler> EventLoop<H> {
                 shutdown: None,
                 counters: Counters::default(),
             },
-        })
+        }
     }
 
-    pub(crate) fn run(mut self) {
+    pub(crate) fn run(self) {
+        self.run_with(Instant::now)
+    }
+
+    /// Runs the loop until it finishes, reading the time from `clock`
+    /// (the tests pass a virtual one).
+    pub(crate) fn run_with(mut self, mut clock: impl FnMut() -> Instant) {
         let failure = loop {
             let EventLoop { driver, core } = &mut self;
-            core.set_now(Instant::now());
+            core.set_now(clock());
             let timeout = core.next_timeout();
             // The clock is read once per batch of events, after the wait.
             let mut stamped = false;
             let result = driver.poll(timeout, |event| {
                 if !stamped {
                     stamped = true;
-                    core.set_now(Instant::now());
+                    core.set_now(clock());
                 }
                 core.on_event(event)
             });
@@ -188,7 +205,7 @@ impl<H: Handler> EventLoop<H> {
                 break Some(e);
             }
             if !stamped {
-                core.set_now(Instant::now());
+                core.set_now(clock());
             }
             core.run_commands(driver);
             core.maintain(driver);
@@ -218,7 +235,11 @@ impl<H: Handler> Core<H> {
 
     fn on_event(&mut self, event: Event<'_>) -> Flow {
         match event {
-            Event::Accepted { listener, socket } => self.accepted(listener, socket),
+            Event::Accepted {
+                listener,
+                socket,
+                peer,
+            } => self.accepted(listener, socket, peer),
             Event::AcceptEnded { listener, error } => self.accept_ended(listener, error),
             Event::Received { slot, data } => return self.received(slot, data),
             Event::RecvEnded { slot, why } => self.recv_ended(slot, why),
@@ -297,7 +318,7 @@ impl<H: Handler> Core<H> {
                 }
             }
             Command::Connect(addr) => self.connect(driver, addr),
-            Command::Adopt(socket) => self.adopt(socket),
+            Command::Adopt(socket, peer) => self.adopt(socket, peer),
             Command::Shutdown(until) => self.begin_shutdown(driver, until),
         }
     }
@@ -501,7 +522,7 @@ impl<H: Handler> Core<H> {
                     self.guard_connect_failed(addr, e);
                 }
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
-                Command::Adopt(_) => self.counters.refused += 1,
+                Command::Adopt(..) => self.counters.refused += 1,
                 Command::Broadcast(_) | Command::Disconnect(_) | Command::Shutdown(_) => {}
             }
         }

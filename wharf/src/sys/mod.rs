@@ -62,6 +62,8 @@ use std::time::Duration;
 
 use crate::Backend;
 
+#[cfg(all(unix, any(test, fuzzing)))]
+pub(crate) mod fake;
 #[cfg(windows)]
 mod iocp;
 #[cfg(unix)]
@@ -113,8 +115,13 @@ pub(crate) enum Flow {
 
 /// What a driver reports to its loop.
 pub(crate) enum Event<'a> {
-    /// A listener accepted a connection.
-    Accepted { listener: u32, socket: Socket },
+    /// A listener accepted a connection; `peer` is its address where the
+    /// accept reported it (otherwise the loop asks the socket).
+    Accepted {
+        listener: u32,
+        socket: Socket,
+        peer: Option<SocketAddr>,
+    },
     /// A listener stopped accepting (`None`: cancelled or needs a re-arm).
     AcceptEnded {
         listener: u32,
@@ -205,6 +212,8 @@ pub(crate) enum Driver {
     Poll(poll::Driver),
     #[cfg(windows)]
     Iocp(iocp::Driver),
+    #[cfg(all(unix, any(test, fuzzing)))]
+    Fake(fake::Driver),
 }
 
 /// Wakes a loop's driver from another thread.
@@ -216,6 +225,8 @@ pub(crate) enum Waker {
     Poll(poll::Waker),
     #[cfg(windows)]
     Iocp(iocp::Waker),
+    #[cfg(all(unix, any(test, fuzzing)))]
+    Fake(fake::Waker),
 }
 
 impl Waker {
@@ -227,6 +238,8 @@ impl Waker {
             Waker::Poll(w) => w.wake(),
             #[cfg(windows)]
             Waker::Iocp(w) => w.wake(),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Waker::Fake(w) => w.wake(),
         }
     }
 }
@@ -255,6 +268,8 @@ impl Driver {
             Driver::Poll(d) => Waker::Poll(d.waker()),
             #[cfg(windows)]
             Driver::Iocp(d) => Waker::Iocp(d.waker()),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => Waker::Fake(d.waker()),
         }
     }
 
@@ -266,6 +281,8 @@ impl Driver {
             Driver::Poll(d) => d.listen(listener, socket),
             #[cfg(windows)]
             Driver::Iocp(d) => d.listen(listener, socket),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.listen(listener, socket),
         }
     }
 
@@ -277,6 +294,8 @@ impl Driver {
             Driver::Poll(d) => d.unlisten(listener, socket),
             #[cfg(windows)]
             Driver::Iocp(d) => d.unlisten(listener, socket),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.unlisten(listener, socket),
         }
     }
 
@@ -288,6 +307,8 @@ impl Driver {
             Driver::Poll(d) => d.recv(slot, socket),
             #[cfg(windows)]
             Driver::Iocp(d) => d.recv(slot, socket),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.recv(slot, socket),
         }
     }
 
@@ -299,6 +320,8 @@ impl Driver {
             Driver::Poll(d) => d.send(slot, socket, batch),
             #[cfg(windows)]
             Driver::Iocp(d) => d.send(slot, socket, batch),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.send(slot, socket, batch),
         }
     }
 
@@ -310,6 +333,8 @@ impl Driver {
             Driver::Poll(d) => d.connect(slot, socket, addr),
             #[cfg(windows)]
             Driver::Iocp(d) => d.connect(slot, socket, addr),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.connect(slot, socket, addr),
         }
     }
 
@@ -321,6 +346,8 @@ impl Driver {
             Driver::Poll(d) => d.cancel(slot, socket),
             #[cfg(windows)]
             Driver::Iocp(d) => d.cancel(slot, socket),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.cancel(slot, socket),
         }
     }
 
@@ -332,6 +359,8 @@ impl Driver {
             Driver::Poll(d) => d.cancel_recv(slot, socket),
             #[cfg(windows)]
             Driver::Iocp(d) => d.cancel_recv(slot, socket),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.cancel_recv(slot, socket),
         }
     }
 
@@ -347,6 +376,8 @@ impl Driver {
             Driver::Poll(d) => d.poll(timeout, f),
             #[cfg(windows)]
             Driver::Iocp(d) => d.poll(timeout, f),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.poll(timeout, f),
         }
     }
 
@@ -358,6 +389,8 @@ impl Driver {
             Driver::Poll(d) => d.in_flight(),
             #[cfg(windows)]
             Driver::Iocp(d) => d.in_flight(),
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(d) => d.in_flight(),
         }
     }
 }

@@ -186,7 +186,11 @@ impl Driver {
         match (result, socket) {
             (Ok(_), Some(socket)) => match finish_accept(listen_socket, &socket) {
                 Ok(()) => {
-                    f(Event::Accepted { listener, socket });
+                    f(Event::Accepted {
+                        listener,
+                        socket,
+                        peer: None,
+                    });
                 }
                 Err(e) => tracing::debug!(error = %e, "an accepted socket could not be set up"),
             },

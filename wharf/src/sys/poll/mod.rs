@@ -354,11 +354,12 @@ impl Driver {
         let socket = SockRef::from(&fd);
         for _ in 0..ACCEPTS_PER_TURN {
             match socket.accept() {
-                Ok((conn, _)) => {
+                Ok((conn, peer)) => {
                     let _ = conn.set_nonblocking(true);
                     f(Event::Accepted {
                         listener,
                         socket: conn,
+                        peer: peer.as_socket(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -359,6 +359,7 @@ impl Driver {
                     f(Event::Accepted {
                         listener: id,
                         socket,
+                        peer: None,
                     });
                 }
                 if !more {

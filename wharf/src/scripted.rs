@@ -1,0 +1,649 @@
+//! Scripted runs of the real event loop on the fake driver (`sys::fake`),
+//! checked by an oracle: the deterministic seam the unit tests and the
+//! `event_loop` fuzz target share.
+//!
+//! A [`Plan`] is decoded from bytes (a fuzzer's input, or a seeded
+//! generator's output): the server's limits, the driver's quirks, then
+//! steps — clients connect, write frames in arbitrary splits, half-close,
+//! reset, read slowly or not at all, time passes; the host sends to them,
+//! disconnects them, broadcasts, dials out, shuts down or breaks the
+//! driver. The handler echoes every message; a message starting with `C`
+//! is echoed and then closes its connection, one starting with `P` panics
+//! (when panics are allowed). The run ends with a shutdown.
+//!
+//! The oracle then checks, for every client: the messages delivered are a
+//! prefix of the whole frames it wrote, byte for byte, and all of them if it
+//! half-closed (the reason says otherwise); the echoes it read are exactly
+//! the messages delivered, whenever the close flushes and nothing cut the
+//! flush; `on_close` ran once, with a reason its script explains, and no
+//! message came after it; an idle timeout never fired early; host sends
+//! and broadcasts arrived in order and at most once. And for the server:
+//! no id is still open, no connection is still counted, and a loop whose
+//! driver failed refuses sends with `LoopFailed`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::builder::Builder;
+use crate::conn::Conn;
+use crate::error::{CloseReason, SendError};
+use crate::handle::Handle;
+use crate::handler::Handler;
+use crate::id::ConnId;
+use crate::mailbox::Command;
+use crate::sys::fake::{self, Clock, Op, Quirks, World};
+use crate::Framing;
+
+/// The panic message of a `P` message (the tests' panic hook keeps quiet
+/// about it).
+pub(crate) const PANIC: &str = "wharf scripted panic";
+
+/// The server and driver settings of a run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    pub(crate) max_frame: usize,
+    pub(crate) high_water: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) write_stall: Option<Duration>,
+    pub(crate) linger: Duration,
+    pub(crate) quirks: Quirks,
+    pub(crate) panics: bool,
+}
+
+/// One step of a plan (client numbers count `Connect`s).
+#[derive(Clone, Debug)]
+pub(crate) enum Step {
+    Connect,
+    /// Queue whole frames on the client's side, to be written later.
+    Frames { client: usize, bodies: Vec<Vec<u8>> },
+    /// Queue a header announcing more than the maximum.
+    Oversized { client: usize, len: usize },
+    /// Write the next `n` queued bytes (all of them if `n` is 0).
+    Write { client: usize, n: usize },
+    Eof { client: usize },
+    Reset { client: usize },
+    Read { client: usize, n: usize },
+    Sleep(Duration),
+    Turn,
+    HostSend { client: usize },
+    Disconnect { client: usize },
+    Broadcast,
+    Shutdown(Duration),
+    Dial { ok: bool },
+    Fail,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub(crate) settings: Settings,
+    pub(crate) steps: Vec<Step>,
+}
+
+/// Reads bytes off the front of an input; zeros once it runs out.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.byte() as usize % from.len()]
+    }
+}
+
+impl Plan {
+    /// Decodes a plan; every input is a valid plan.
+    pub(crate) fn from_bytes(data: &[u8], panics: bool) -> Plan {
+        let mut input = Input(data);
+        let max_frame = 16 + input.byte() as usize * 16;
+        let high_water = 64 + input.byte() as usize * 64;
+        let idle = input.byte();
+        let stall = input.byte();
+        let settings = Settings {
+            max_frame,
+            high_water,
+            idle_timeout: (idle >= 160).then(|| Duration::from_millis(50 * (idle as u64 - 159))),
+            write_stall: (stall >= 192).then(|| Duration::from_millis(100 * (stall as u64 - 191))),
+            linger: Duration::from_millis(input.pick(&[0, 100, 700, 2000])),
+            quirks: Quirks {
+                chunk: input.pick(&[1, 7, 64, 512, 4096, 16384]),
+                max_write: input.pick(&[1, 5, 100, 4096, usize::MAX]),
+                late_data: input.byte() & 1 == 1,
+            },
+            panics,
+        };
+        let mut steps = Vec::new();
+        let mut clients = 0usize;
+        let mut messages = 0usize;
+        while !input.0.is_empty() && steps.len() < 512 {
+            let op = input.byte() % 20;
+            if op == 0 || clients == 0 {
+                if clients < 32 {
+                    clients += 1;
+                    steps.push(Step::Connect);
+                }
+                continue;
+            }
+            let client = input.byte() as usize % clients;
+            // Rare steps take a second byte, so that most runs go on.
+            let rare = |input: &mut Input<'_>| input.byte() % 4 == 0;
+            steps.push(match op {
+                1..=3 => {
+                    let count = 1 + input.byte() as usize % 8;
+                    let len = match input.byte() {
+                        l @ 0..=199 => l as usize,
+                        l => (l as usize - 199) * 64,
+                    }
+                    .min(max_frame);
+                    let kind = input.pick(b"eeeeeeeeeeeeeeCP");
+                    let bodies = (0..count)
+                        .map(|_| {
+                            messages += 1;
+                            body(kind, messages, len)
+                        })
+                        .collect();
+                    Step::Frames { client, bodies }
+                }
+                4..=7 => Step::Write {
+                    client,
+                    n: input.byte() as usize * input.pick(&[0, 1, 16, 256]),
+                },
+                8 if rare(&mut input) => Step::Oversized {
+                    client,
+                    len: max_frame + 1 + input.byte() as usize,
+                },
+                8 => Step::Eof { client },
+                9 if rare(&mut input) => Step::Reset { client },
+                10 | 19 => Step::Read {
+                    client,
+                    n: input.byte() as usize * 64,
+                },
+                11 => Step::Sleep(Duration::from_millis(input.byte() as u64 * 20)),
+                14 => Step::HostSend { client },
+                15 if rare(&mut input) => Step::Disconnect { client },
+                16 => Step::Broadcast,
+                17 if rare(&mut input) => {
+                    Step::Shutdown(Duration::from_millis(input.byte() as u64 * 10))
+                }
+                18 => match input.byte() {
+                    255 => Step::Fail,
+                    b => Step::Dial { ok: b & 1 == 0 },
+                },
+                _ => Step::Turn,
+            });
+        }
+        Plan { settings, steps }
+    }
+
+    /// A plan from a seeded generator (for tests without a fuzzer).
+    pub(crate) fn random(seed: u64, panics: bool) -> Plan {
+        let mut x = seed | 1;
+        let len = 8 + (seed % 400) as usize;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        Plan::from_bytes(&bytes, panics)
+    }
+}
+
+/// A message body: its kind, then a pattern unique to the message.
+fn body(kind: u8, n: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| if i == 0 { kind } else { (n * 31 + i * 7) as u8 })
+        .collect()
+}
+
+/// What the handler saw of one connection.
+#[derive(Debug)]
+struct ConnRecord {
+    id: ConnId,
+    delivered: Vec<Vec<u8>>,
+    closes: u32,
+    /// The reason, and the driver's turn and the time it came in.
+    close: Option<(CloseReason, u64, Instant)>,
+    /// Sequence numbers of host sends `Handle::send` accepted.
+    sends_ok: Vec<u32>,
+}
+
+#[derive(Default, Debug)]
+struct Records {
+    conns: HashMap<SocketAddr, ConnRecord>,
+    connect_failed: Vec<SocketAddr>,
+    violations: Vec<String>,
+}
+
+struct Echo {
+    records: Arc<Mutex<Records>>,
+    clock: Clock,
+    panics: bool,
+}
+
+impl Handler for Echo {
+    type State = ();
+
+    fn on_open(&self, conn: &mut Conn<'_, ()>) -> crate::Accept {
+        let mut r = self.records.lock().unwrap();
+        let record = ConnRecord {
+            id: conn.id(),
+            delivered: Vec::new(),
+            closes: 0,
+            close: None,
+            sends_ok: Vec::new(),
+        };
+        if r.conns.insert(conn.peer_addr(), record).is_some() {
+            r.violations.push(format!("{}: opened twice", conn.peer_addr()));
+        }
+        crate::Accept::Yes
+    }
+
+    fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
+        {
+            let mut r = self.records.lock().unwrap();
+            let c = r.conns.get_mut(&conn.peer_addr()).expect("opened");
+            c.delivered.push(msg.to_vec());
+            if c.closes > 0 {
+                let v = format!("{}: a message after on_close", conn.peer_addr());
+                r.violations.push(v);
+            }
+        }
+        if msg.first() == Some(&b'P') && self.panics {
+            panic!("{PANIC}");
+        }
+        if let Err(e) = conn.send(msg) {
+            let v = format!("{}: the echo was refused: {e}", conn.peer_addr());
+            self.records.lock().unwrap().violations.push(v);
+        }
+        if msg.first() == Some(&b'C') {
+            conn.close();
+        }
+    }
+
+    fn on_close(&self, conn: &mut Conn<'_, ()>, reason: CloseReason) {
+        let turn = self.clock.turn();
+        let mut r = self.records.lock().unwrap();
+        let c = r.conns.get_mut(&conn.peer_addr()).expect("opened");
+        c.closes += 1;
+        c.close = Some((reason, turn, self.clock.now()));
+    }
+
+    fn on_connect_failed(&self, addr: SocketAddr, _error: std::io::Error) {
+        self.records.lock().unwrap().connect_failed.push(addr);
+    }
+}
+
+/// What a plan's client did, as the oracle needs it.
+#[derive(Default, Clone)]
+struct Client {
+    /// Queued frames not yet written.
+    pending: Vec<u8>,
+    /// Everything written.
+    written: Vec<u8>,
+    closed: bool,
+    reset: bool,
+}
+
+/// What a run did, for [`check`].
+pub(crate) struct Run {
+    plan: Plan,
+    clients: Vec<Client>,
+    world: Arc<Mutex<World>>,
+    records: Records,
+    handle: Handle,
+    failed: bool,
+    /// The first shutdown's deadline was short: flushes may be cut.
+    short_shutdown: bool,
+    started: Instant,
+}
+
+/// Runs `plan` on the real loop and the scripted driver.
+pub(crate) fn run(plan: &Plan) -> Run {
+    let s = plan.settings;
+    let clock = Clock::new();
+    let records = Arc::new(Mutex::new(Records::default()));
+    let world = Arc::new(Mutex::new(World::default()));
+    let mut builder = Builder::default()
+        .framing(Framing::length_prefixed().max_frame(s.max_frame))
+        .send_water_marks(s.high_water, s.high_water / 2)
+        .write_stall_timeout(s.write_stall)
+        .close_linger(s.linger)
+        .max_connections(64)
+        .recv_buffers(4, s.quirks.chunk.min(u32::MAX as usize) as u32);
+    if let Some(d) = s.idle_timeout {
+        builder = builder.idle_timeout(d);
+    }
+    // The handle exists once the loop does; host steps reach it here.
+    let handle_cell: Arc<Mutex<Option<Handle>>> = Arc::default();
+    let mut clients: Vec<Client> = Vec::new();
+    let mut ops = Vec::new();
+    let mut host_seq = 0u32;
+    let mut dials = 0u16;
+    let mut short_shutdown = false;
+    let mut shut = false;
+    for step in &plan.steps {
+        match step {
+            Step::Connect => {
+                clients.push(Client::default());
+                ops.push(Op::Connect);
+            }
+            Step::Frames { client, bodies } => {
+                for b in bodies {
+                    let c = &mut clients[*client];
+                    c.pending.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                    c.pending.extend_from_slice(b);
+                }
+            }
+            Step::Oversized { client, len } => {
+                let c = &mut clients[*client];
+                c.pending.extend_from_slice(&(*len as u32).to_be_bytes());
+            }
+            Step::Write { client, n } => {
+                let c = &mut clients[*client];
+                let n = if *n == 0 { c.pending.len() } else { (*n).min(c.pending.len()) };
+                let bytes: Vec<u8> = c.pending.drain(..n).collect();
+                if !c.closed && !c.reset {
+                    c.written.extend_from_slice(&bytes);
+                }
+                ops.push(Op::Write {
+                    peer: *client,
+                    bytes,
+                });
+            }
+            Step::Eof { client } => {
+                clients[*client].closed = true;
+                ops.push(Op::Eof { peer: *client });
+            }
+            Step::Reset { client } => {
+                clients[*client].reset = true;
+                ops.push(Op::Reset { peer: *client });
+            }
+            Step::Read { client, n } => ops.push(Op::Read {
+                peer: *client,
+                bytes: *n,
+            }),
+            Step::Sleep(d) => ops.push(Op::Sleep(*d)),
+            Step::Turn => ops.push(Op::Turn),
+            Step::HostSend { client } => {
+                host_seq += 1;
+                let seq = host_seq;
+                let (h, r) = (handle_cell.clone(), records.clone());
+                let addr = fake::client_addr(*client);
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let mut r = r.lock().unwrap();
+                    if let Some(c) = r.conns.get_mut(&addr) {
+                        let msg = [&[0xFF, 1][..], &seq.to_be_bytes()].concat();
+                        if handle.send(c.id, Bytes::from(msg)).is_ok() {
+                            c.sends_ok.push(seq);
+                        }
+                    }
+                })));
+            }
+            Step::Disconnect { client } => {
+                let (h, r) = (handle_cell.clone(), records.clone());
+                let addr = fake::client_addr(*client);
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let id = r.lock().unwrap().conns.get(&addr).map(|c| c.id);
+                    if let Some(id) = id {
+                        let _ = handle.disconnect(id);
+                    }
+                })));
+            }
+            Step::Broadcast => {
+                host_seq += 1;
+                let msg = [&[0xFF, 2][..], &host_seq.to_be_bytes()].concat();
+                let h = handle_cell.clone();
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let _ = handle.broadcast(Bytes::from(msg));
+                })));
+            }
+            Step::Shutdown(d) => {
+                if !shut {
+                    shut = true;
+                    short_shutdown = *d < Duration::from_secs(1);
+                }
+                ops.push(shutdown_op(&handle_cell, &clock, *d));
+            }
+            Step::Dial { ok } => {
+                dials += 1;
+                let port = 20_000 + dials * 2 + !ok as u16;
+                let h = handle_cell.clone();
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let _ = handle.connect(SocketAddr::from(([192, 168, 0, 1], port)));
+                })));
+            }
+            Step::Fail => ops.push(Op::Fail),
+        }
+    }
+    let end = shutdown_op(&handle_cell, &clock, Duration::from_secs(3600));
+    let Op::Host(end) = end else { unreachable!() };
+    let driver = fake::Driver::new(clock.clone(), s.quirks, ops, end, world.clone());
+    let handler = Echo {
+        records: records.clone(),
+        clock: clock.clone(),
+        panics: s.panics,
+    };
+    let (event_loop, handle) = builder.scripted(handler, driver);
+    *handle_cell.lock().unwrap() = Some(handle.clone());
+    let c = clock.clone();
+    event_loop.run_with(move || c.now());
+    let records = std::mem::take(&mut *records.lock().unwrap());
+    let failed = world.lock().unwrap().failed;
+    Run {
+        plan: plan.clone(),
+        clients,
+        world,
+        records,
+        handle,
+        failed,
+        short_shutdown,
+        started: clock.base(),
+    }
+}
+
+impl Run {
+    /// Adds this run's close reasons (by kind) and message counts to `t`.
+    pub(crate) fn tally(&self, t: &mut std::collections::BTreeMap<String, u64>) {
+        for c in self.records.conns.values() {
+            if let Some((reason, ..)) = &c.close {
+                let kind = format!("{reason:?}");
+                let kind = kind.split([' ', '(']).next().unwrap_or_default().to_string();
+                *t.entry(kind).or_default() += 1;
+            }
+            *t.entry("messages".into()).or_default() += c.delivered.len() as u64;
+        }
+        let world = self.world.lock().unwrap();
+        let read: usize = world.peers.iter().map(|p| p.received.len()).sum();
+        *t.entry("bytes read back".into()).or_default() += read as u64;
+        *t.entry("failed loops".into()).or_default() += world.failed as u64;
+    }
+}
+
+fn shutdown_op(handle: &Arc<Mutex<Option<Handle>>>, clock: &Clock, d: Duration) -> Op {
+    let (h, clock) = (handle.clone(), clock.clone());
+    Op::Host(Box::new(move || {
+        let handle = h.lock().unwrap().clone().expect("handle");
+        let _ = handle.shared.loops[0]
+            .mailbox
+            .post(Command::Shutdown(clock.now() + d));
+    }))
+}
+
+/// The whole frames of a client's stream, and the oversized length that
+/// ends it, if one does.
+fn frames(stream: &[u8], max: usize) -> (Vec<&[u8]>, Option<usize>) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while stream.len() - at >= 4 {
+        let len = u32::from_be_bytes(stream[at..at + 4].try_into().unwrap()) as usize;
+        if len > max {
+            return (out, Some(len));
+        }
+        if stream.len() - at - 4 < len {
+            break;
+        }
+        out.push(&stream[at + 4..at + 4 + len]);
+        at += 4 + len;
+    }
+    (out, None)
+}
+
+/// Checks a run against the oracle; the error says what broke.
+pub(crate) fn check(run: &Run) -> Result<(), String> {
+    let s = run.plan.settings;
+    let r = &run.records;
+    if let Some(v) = r.violations.first() {
+        return Err(v.clone());
+    }
+    let world = run.world.lock().unwrap();
+    // Flushes that nothing may cut: no write-stall timeout, no short
+    // shutdown, no failed driver.
+    let strict_flush = s.write_stall.is_none() && !run.short_shutdown && !run.failed;
+    let mut panics = 0;
+    for (i, client) in run.clients.iter().enumerate() {
+        let addr = fake::client_addr(i);
+        let Some(c) = r.conns.get(&addr) else {
+            continue; // never accepted (the server stopped first)
+        };
+        let what = |e: String| format!("client {i} ({addr}): {e}");
+        let peer = world
+            .peer_by_addr(addr)
+            .ok_or_else(|| what("unknown to the driver".into()))?;
+        if c.closes != 1 {
+            return Err(what(format!("on_close ran {} times", c.closes)));
+        }
+        let (reason, close_turn, closed_at) = c.close.clone().unwrap();
+        let (whole, oversized) = frames(&client.written, s.max_frame);
+        if c.delivered.len() > whole.len() || c.delivered.iter().zip(&whole).any(|(a, b)| a != b) {
+            return Err(what(format!(
+                "delivered {} messages that are not a prefix of the {} written",
+                c.delivered.len(),
+                whole.len()
+            )));
+        }
+        let enders = |m: &Vec<u8>| matches!(m.first(), Some(b'C')) || (s.panics && m.first() == Some(&b'P'));
+        if let Some(k) = c.delivered.iter().position(enders) {
+            if k + 1 != c.delivered.len() {
+                return Err(what(format!("message {k} closed, yet more were delivered")));
+            }
+        }
+        let last = c.delivered.last().and_then(|m| m.first().copied());
+        panics += (s.panics && last == Some(b'P')) as u64;
+        let reason_ok = match &reason {
+            CloseReason::PeerClosed => c.delivered.len() == whole.len() && oversized.is_none(),
+            CloseReason::FrameTooLarge { len, max } => {
+                Some(*len) == oversized && *max == s.max_frame && c.delivered.len() == whole.len()
+            }
+            CloseReason::Local => last == Some(b'C'),
+            CloseReason::HandlerPanic => s.panics && last == Some(b'P'),
+            CloseReason::Io(_) => client.reset,
+            CloseReason::IdleTimeout => {
+                let idle = s.idle_timeout.ok_or_else(|| what("idle timeout not set".into()))?;
+                // The last read before the close (reads in the close's own
+                // turn came before it: events precede timers).
+                let last = peer.reads.iter().rev().find(|(turn, _)| *turn <= close_turn);
+                let since = last.map(|(_, t)| closed_at.saturating_duration_since(*t));
+                if since.is_some_and(|d| d < idle) {
+                    return Err(what(format!(
+                        "closed as idle {since:?} after its last data (at {:?} of the run)",
+                        closed_at.saturating_duration_since(run.started)
+                    )));
+                }
+                true
+            }
+            CloseReason::WriteStalled => s.write_stall.is_some(),
+            CloseReason::Disconnected | CloseReason::Shutdown => true,
+            CloseReason::LoopFailed => run.failed,
+            other => return Err(what(format!("unexpected close reason {other:?}"))),
+        };
+        if !reason_ok {
+            return Err(what(format!(
+                "closed with {reason:?} after {} of {} whole messages (oversized: {oversized:?}, \
+                 reset: {}, half-closed: {})",
+                c.delivered.len(),
+                whole.len(),
+                client.reset,
+                client.closed
+            )));
+        }
+        // What the client read back: echoes, host sends, broadcasts.
+        let (out, _) = frames(&peer.received, usize::MAX);
+        let echoes: Vec<&[u8]> = out.iter().copied().filter(|m| m.first() != Some(&0xFF)).collect();
+        let expected: Vec<&[u8]> = c
+            .delivered
+            .iter()
+            .filter(|m| !(s.panics && m.first() == Some(&b'P')))
+            .map(|m| &m[..])
+            .collect();
+        if echoes.len() > expected.len() || echoes.iter().zip(&expected).any(|(a, b)| a != b) {
+            return Err(what(format!(
+                "read {} echoes that are not a prefix of the {} expected",
+                echoes.len(),
+                expected.len()
+            )));
+        }
+        let flushes = !matches!(
+            reason,
+            CloseReason::Io(_) | CloseReason::WriteStalled | CloseReason::LoopFailed
+        );
+        if strict_flush && flushes && !client.reset && !peer.cut && echoes.len() != expected.len() {
+            return Err(what(format!(
+                "closed with {reason:?}: {} of {} echoes arrived",
+                echoes.len(),
+                expected.len()
+            )));
+        }
+        let seqs = |kind: u8| -> Vec<u32> {
+            out.iter()
+                .filter(|m| m.len() == 6 && m[0] == 0xFF && m[1] == kind)
+                .map(|m| u32::from_be_bytes(m[2..6].try_into().unwrap()))
+                .collect()
+        };
+        for kind in [1, 2] {
+            let got = seqs(kind);
+            if got.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(what(format!("host messages out of order or twice: {got:?}")));
+            }
+            if kind == 1 && got.iter().any(|n| !c.sends_ok.contains(n)) {
+                return Err(what(format!("a host send arrived that was refused: {got:?}")));
+            }
+        }
+        if run.handle.is_open(c.id) {
+            return Err(what("its id still looks open".into()));
+        }
+        match run.handle.send(c.id, Bytes::from_static(b"late")) {
+            Err(SendError::LoopFailed) if run.failed => {}
+            Err(SendError::Stopped | SendError::Closed) if !run.failed => {}
+            other => return Err(what(format!("a send after the end returned {other:?}"))),
+        }
+    }
+    if run.handle.connections() != 0 {
+        return Err(format!("{} connections still counted", run.handle.connections()));
+    }
+    let stats = run.handle.stats();
+    if stats.handler_panics != panics {
+        return Err(format!("{} panics counted, {panics} seen", stats.handler_panics));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
