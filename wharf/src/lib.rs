@@ -91,4 +91,19 @@ pub mod fuzzing {
             Ok(())
         }
     }
+
+    /// Decodes `data` into a scripted run of the real event loop on the
+    /// fake driver, runs it and checks it (see `scripted`); panics with
+    /// what broke. With `panics`, messages starting with `P` make the
+    /// handler panic (the caller's panic hook must let those unwind).
+    #[cfg(unix)]
+    pub fn run_loop_script(data: &[u8], panics: bool) {
+        let plan = crate::scripted::Plan::from_bytes(data, panics);
+        if let Err(e) = crate::scripted::check(&crate::scripted::run(&plan)) {
+            panic!("{e}\n{plan:#?}");
+        }
+    }
+
+    /// The message of the handler panics `run_loop_script` provokes.
+    pub const HANDLER_PANIC: &str = crate::scripted::PANIC;
 }

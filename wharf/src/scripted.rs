@@ -59,21 +59,43 @@ pub(crate) struct Settings {
 pub(crate) enum Step {
     Connect,
     /// Queue whole frames on the client's side, to be written later.
-    Frames { client: usize, bodies: Vec<Vec<u8>> },
+    Frames {
+        client: usize,
+        bodies: Vec<Vec<u8>>,
+    },
     /// Queue a header announcing more than the maximum.
-    Oversized { client: usize, len: usize },
+    Oversized {
+        client: usize,
+        len: usize,
+    },
     /// Write the next `n` queued bytes (all of them if `n` is 0).
-    Write { client: usize, n: usize },
-    Eof { client: usize },
-    Reset { client: usize },
-    Read { client: usize, n: usize },
+    Write {
+        client: usize,
+        n: usize,
+    },
+    Eof {
+        client: usize,
+    },
+    Reset {
+        client: usize,
+    },
+    Read {
+        client: usize,
+        n: usize,
+    },
     Sleep(Duration),
     Turn,
-    HostSend { client: usize },
-    Disconnect { client: usize },
+    HostSend {
+        client: usize,
+    },
+    Disconnect {
+        client: usize,
+    },
     Broadcast,
     Shutdown(Duration),
-    Dial { ok: bool },
+    Dial {
+        ok: bool,
+    },
     Fail,
 }
 
@@ -187,6 +209,7 @@ impl Plan {
     }
 
     /// A plan from a seeded generator (for tests without a fuzzer).
+    #[cfg(test)]
     pub(crate) fn random(seed: u64, panics: bool) -> Plan {
         let mut x = seed | 1;
         let len = 8 + (seed % 400) as usize;
@@ -247,7 +270,8 @@ impl Handler for Echo {
             sends_ok: Vec::new(),
         };
         if r.conns.insert(conn.peer_addr(), record).is_some() {
-            r.violations.push(format!("{}: opened twice", conn.peer_addr()));
+            r.violations
+                .push(format!("{}: opened twice", conn.peer_addr()));
         }
         crate::Accept::Yes
     }
@@ -354,7 +378,11 @@ pub(crate) fn run(plan: &Plan) -> Run {
             }
             Step::Write { client, n } => {
                 let c = &mut clients[*client];
-                let n = if *n == 0 { c.pending.len() } else { (*n).min(c.pending.len()) };
+                let n = if *n == 0 {
+                    c.pending.len()
+                } else {
+                    (*n).min(c.pending.len())
+                };
                 let bytes: Vec<u8> = c.pending.drain(..n).collect();
                 if !c.closed && !c.reset {
                     c.written.extend_from_slice(&bytes);
@@ -459,13 +487,18 @@ pub(crate) fn run(plan: &Plan) -> Run {
     }
 }
 
+#[cfg(test)]
 impl Run {
     /// Adds this run's close reasons (by kind) and message counts to `t`.
     pub(crate) fn tally(&self, t: &mut std::collections::BTreeMap<String, u64>) {
         for c in self.records.conns.values() {
             if let Some((reason, ..)) = &c.close {
                 let kind = format!("{reason:?}");
-                let kind = kind.split([' ', '(']).next().unwrap_or_default().to_string();
+                let kind = kind
+                    .split([' ', '('])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
                 *t.entry(kind).or_default() += 1;
             }
             *t.entry("messages".into()).or_default() += c.delivered.len() as u64;
@@ -539,7 +572,8 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
                 whole.len()
             )));
         }
-        let enders = |m: &Vec<u8>| matches!(m.first(), Some(b'C')) || (s.panics && m.first() == Some(&b'P'));
+        let enders =
+            |m: &Vec<u8>| matches!(m.first(), Some(b'C')) || (s.panics && m.first() == Some(&b'P'));
         if let Some(k) = c.delivered.iter().position(enders) {
             if k + 1 != c.delivered.len() {
                 return Err(what(format!("message {k} closed, yet more were delivered")));
@@ -556,10 +590,16 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             CloseReason::HandlerPanic => s.panics && last == Some(b'P'),
             CloseReason::Io(_) => client.reset,
             CloseReason::IdleTimeout => {
-                let idle = s.idle_timeout.ok_or_else(|| what("idle timeout not set".into()))?;
+                let idle = s
+                    .idle_timeout
+                    .ok_or_else(|| what("idle timeout not set".into()))?;
                 // The last read before the close (reads in the close's own
                 // turn came before it: events precede timers).
-                let last = peer.reads.iter().rev().find(|(turn, _)| *turn <= close_turn);
+                let last = peer
+                    .reads
+                    .iter()
+                    .rev()
+                    .find(|(turn, _)| *turn <= close_turn);
                 let since = last.map(|(_, t)| closed_at.saturating_duration_since(*t));
                 if since.is_some_and(|d| d < idle) {
                     return Err(what(format!(
@@ -586,7 +626,11 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         }
         // What the client read back: echoes, host sends, broadcasts.
         let (out, _) = frames(&peer.received, usize::MAX);
-        let echoes: Vec<&[u8]> = out.iter().copied().filter(|m| m.first() != Some(&0xFF)).collect();
+        let echoes: Vec<&[u8]> = out
+            .iter()
+            .copied()
+            .filter(|m| m.first() != Some(&0xFF))
+            .collect();
         let expected: Vec<&[u8]> = c
             .delivered
             .iter()
@@ -620,10 +664,14 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         for kind in [1, 2] {
             let got = seqs(kind);
             if got.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(what(format!("host messages out of order or twice: {got:?}")));
+                return Err(what(format!(
+                    "host messages out of order or twice: {got:?}"
+                )));
             }
             if kind == 1 && got.iter().any(|n| !c.sends_ok.contains(n)) {
-                return Err(what(format!("a host send arrived that was refused: {got:?}")));
+                return Err(what(format!(
+                    "a host send arrived that was refused: {got:?}"
+                )));
             }
         }
         if run.handle.is_open(c.id) {
@@ -636,11 +684,17 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         }
     }
     if run.handle.connections() != 0 {
-        return Err(format!("{} connections still counted", run.handle.connections()));
+        return Err(format!(
+            "{} connections still counted",
+            run.handle.connections()
+        ));
     }
     let stats = run.handle.stats();
     if stats.handler_panics != panics {
-        return Err(format!("{} panics counted, {panics} seen", stats.handler_panics));
+        return Err(format!(
+            "{} panics counted, {panics} seen",
+            stats.handler_panics
+        ));
     }
     Ok(())
 }

@@ -125,7 +125,9 @@ impl<H: Handler> EventLoop<H> {
         listeners: Vec<Listener>,
     ) -> std::io::Result<Self> {
         let driver = Driver::new(&config.driver)?;
-        Ok(Self::with_driver(config, handler, handle, listeners, driver))
+        Ok(Self::with_driver(
+            config, handler, handle, listeners, driver,
+        ))
     }
 
     /// A loop on a driver made elsewhere (the tests' scripted driver).

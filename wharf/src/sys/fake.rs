@@ -158,8 +158,9 @@ pub(crate) struct Quirks {
     pub(crate) chunk: usize,
     /// The most bytes one send writes.
     pub(crate) max_write: usize,
-    /// A receive being cancelled still reports one more buffer first, as a
-    /// completion already queued would.
+    /// A receive being cancelled still reports one more buffer first, and
+    /// the end of the stream if that was the last, as completions already
+    /// queued would.
     pub(crate) late_data: bool,
 }
 
@@ -256,7 +257,11 @@ impl Driver {
         let peer = self.peer_of(slot, socket);
         let mut world = self.world.lock().unwrap();
         let p = &mut world.peers[peer];
-        assert_eq!(p.recv, Recv::Idle, "slot {slot}: recv while a receive is in flight");
+        assert_eq!(
+            p.recv,
+            Recv::Idle,
+            "slot {slot}: recv while a receive is in flight"
+        );
         p.recv = Recv::Armed;
     }
 
@@ -477,7 +482,12 @@ impl Driver {
         any
     }
 
-    fn report_peer(&mut self, slot: u32, peer: usize, f: &mut impl FnMut(Event<'_>) -> Flow) -> bool {
+    fn report_peer(
+        &mut self,
+        slot: u32,
+        peer: usize,
+        f: &mut impl FnMut(Event<'_>) -> Flow,
+    ) -> bool {
         let mut any = false;
         // Each event is taken out of the world before the loop sees it:
         // the loop's callbacks may call back into the driver.
@@ -589,6 +599,10 @@ impl Driver {
                 }
                 p.late = false;
                 p.recv = Recv::Idle;
+                if self.quirks.late_data && p.eof && p.inbound.is_empty() {
+                    // The end of the stream was queued before the cancel.
+                    return (Some(Some(RecvEnd::Eof)), Vec::new());
+                }
                 (Some(Some(RecvEnd::Cancelled)), Vec::new())
             }
             Recv::Armed => {
