@@ -25,8 +25,10 @@
 //!     idle connection holds no receive buffer. The loop answers a
 //!     `Received` with [`Flow::Pause`] when it wants no more data for now
 //!     (the connection crossed its high-water mark): the driver then reads
-//!     nothing more for that slot in this turn, and the loop cancels the
-//!     receive. Receiving ends with exactly one [`Event::RecvEnded`]; with
+//!     nothing more for that slot in this turn, and usually the loop
+//!     cancels the receive. If it does not (the queue drained in the same
+//!     turn), receiving goes on in the next turn as if never paused, even
+//!     if the peer sends nothing new. Receiving ends with exactly one [`Event::RecvEnded`]; with
 //!     [`RecvEnd::Rearm`] the loop calls `recv` again if it still wants data.
 //!   - `send(slot, &Socket, Box<SendBatch>)`: write the batch's buffers, as
 //!     many as fit, in one gathered write. The batch is moved into the

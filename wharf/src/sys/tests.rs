@@ -124,3 +124,67 @@ fn data_then_reset_ends_the_receive() {
         }
     }
 }
+
+/// A receive answered with `Flow::Pause` and then not cancelled (the
+/// loop's queue drained within the same turn) goes on reading in the next
+/// turn, though the peer sends nothing new: the bytes waiting in the
+/// socket must not wait for an edge that never comes.
+#[test]
+fn a_pause_not_followed_by_a_cancel_reads_on_next_turn() {
+    for mut driver in drivers() {
+        // io_uring reports what its multishot receive has queued: it
+        // cannot take back a completion (the loop cancels instead).
+        #[cfg(target_os = "linux")]
+        let strict = !matches!(driver, Driver::Uring(_));
+        #[cfg(not(target_os = "linux"))]
+        let strict = true;
+        let (ours, mut peer) = pair();
+        let sent = vec![7u8; 64 * 1024];
+        std::io::Write::write_all(&mut peer, &sent).unwrap();
+        driver.recv(3, &ours);
+        let mut got = 0;
+        let mut pauses = 0;
+        let mut rearm = false;
+        for _ in 0..300 {
+            let mut paused_now = false;
+            driver
+                .poll(Some(Duration::from_millis(10)), |e| {
+                    match e {
+                        Event::Received { data, .. } => {
+                            assert!(!(strict && paused_now), "read on in the turn it paused");
+                            got += data.len();
+                            if pauses < 3 && !paused_now {
+                                // The first buffer of each of three turns.
+                                pauses += 1;
+                                paused_now = true;
+                                return Flow::Pause;
+                            }
+                        }
+                        Event::RecvEnded {
+                            why: RecvEnd::Rearm | RecvEnd::NoBuffers,
+                            ..
+                        } => rearm = true,
+                        Event::RecvEnded { why, .. } => panic!("the receive ended: {why:?}"),
+                        _ => {}
+                    }
+                    Flow::Continue
+                })
+                .unwrap();
+            if rearm {
+                rearm = false;
+                driver.recv(3, &ours);
+            }
+            if got == sent.len() {
+                break;
+            }
+        }
+        assert_eq!(pauses, 3);
+        assert_eq!(got, sent.len(), "bytes left in the socket after a pause");
+        driver.cancel_recv(3, &ours);
+        assert!(wait_for(&mut driver, |e| matches!(
+            e,
+            Event::RecvEnded { .. }
+        )));
+        assert_eq!(driver.in_flight(), 0);
+    }
+}

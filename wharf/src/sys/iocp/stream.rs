@@ -230,13 +230,17 @@ impl Driver {
             let n = unsafe { recv(socket, self.buf.as_mut_ptr(), len, 0) };
             if n > 0 {
                 let n = n as usize;
-                // The loop's `Flow::Pause` is not acted on here yet: it
-                // holds what arrives past the mark (at most this turn's
-                // reads) until the queue drains.
-                let _ = f(Event::Received {
+                let flow = f(Event::Received {
                     slot,
                     data: &self.buf[..n],
                 });
+                if flow == Flow::Pause {
+                    // Nothing more this turn; the next one reads on unless
+                    // the loop cancels meanwhile (no zero-byte receive is
+                    // posted, so nothing else would).
+                    self.read_again.push(slot);
+                    return;
+                }
                 if n < self.buf.len() {
                     // Probably dry: the zero-byte receive completes at once
                     // if it is not.

@@ -49,6 +49,9 @@ struct SlotIo {
     /// The registered descriptor, if any.
     fd: Option<RawFd>,
     recv: bool,
+    /// The loop answered `Flow::Pause` in this turn: read nothing more
+    /// until the next one.
+    paused: bool,
     connect: bool,
     /// The batch being sent, waiting for the socket to take more; it goes
     /// back to the loop with `Sent`.
@@ -77,8 +80,10 @@ pub(crate) struct Driver {
     slots: Vec<SlotIo>,
     listeners: Vec<ListenerIo>,
     done: VecDeque<Done>,
-    /// Slots whose reading was cut short by the per-turn budget.
+    /// Slots whose reading was cut short by the per-turn budget or a pause.
     read_again: Vec<u32>,
+    /// Slots paused in this turn.
+    paused: Vec<u32>,
     /// Listeners to accept from without waiting for a new edge.
     accept_again: Vec<u32>,
     in_flight: usize,
@@ -97,6 +102,7 @@ impl Driver {
             listeners: Vec::new(),
             done: VecDeque::new(),
             read_again: Vec::new(),
+            paused: Vec::new(),
             accept_again: Vec::new(),
             in_flight: 0,
         })
@@ -249,6 +255,11 @@ impl Driver {
         timeout: Option<Duration>,
         mut f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
+        for slot in self.paused.drain(..) {
+            if let Some(io) = self.slots.get_mut(slot as usize) {
+                io.paused = false;
+            }
+        }
         let mut busy = self.report_done(&mut f);
         for listener in std::mem::take(&mut self.accept_again) {
             busy = true;
@@ -385,13 +396,14 @@ impl Driver {
             slots,
             buf,
             read_again,
+            paused,
             ..
         } = self;
         let Some(io) = slots.get_mut(slot as usize) else {
             return;
         };
-        let Some(fd) = io.fd.filter(|_| io.recv) else {
-            return;
+        let Some(fd) = io.fd.filter(|_| io.recv && !io.paused) else {
+            return; // not receiving, or paused until the next turn
         };
         // SAFETY: the loop keeps the socket open while a receive is on.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -410,6 +422,12 @@ impl Driver {
                         data: &buf[..n],
                     });
                     if flow == Flow::Pause {
+                        // Nothing more this turn; the next one reads on
+                        // unless the loop cancels meanwhile (the socket
+                        // may hold more, and no new edge will say so).
+                        io.paused = true;
+                        paused.push(slot);
+                        read_again.push(slot);
                         return;
                     }
                 }
