@@ -84,14 +84,20 @@ impl OutQueue {
             return;
         }
         self.in_chunks += self.tail.len();
-        // `split` leaves the tail sharing the allocation (to reuse it once
-        // the chunk is sent): only for a small one.
+        let chunk = self.take_tail();
+        self.chunks.push_back(chunk);
+    }
+
+    /// The tail's bytes as one buffer. `split` leaves the tail sharing the
+    /// allocation (to reuse it once the chunk is sent): only for a small
+    /// one.
+    fn take_tail(&mut self) -> Bytes {
         let chunk = if self.tail.capacity() > TAIL_KEEP {
             std::mem::take(&mut self.tail)
         } else {
             self.tail.split()
         };
-        self.chunks.push_back(chunk.freeze());
+        chunk.freeze()
     }
 
     /// The queue is empty and nothing is in flight: give back a tail that
@@ -99,6 +105,11 @@ impl OutQueue {
     pub(crate) fn shrink_idle(&mut self) {
         if self.tail.capacity() > TAIL_KEEP {
             self.tail = BytesMut::new();
+        }
+        if self.chunks.is_empty() && self.chunks.capacity() > 0 {
+            // Allocated only by a message sent without copying (large,
+            // shared or broadcast): an idle connection keeps none.
+            self.chunks = VecDeque::new();
         }
     }
 
@@ -119,6 +130,13 @@ impl OutQueue {
 
     /// Moves queued buffers into `batch`, in order.
     pub(crate) fn fill(&mut self, batch: &mut SendBatch) {
+        if self.chunks.is_empty() {
+            // Copied messages alone: the tail goes straight to the batch.
+            if !self.tail.is_empty() && batch.bufs.len() < BATCH_BUFS {
+                batch.bufs.push(self.take_tail());
+            }
+            return;
+        }
         self.seal();
         while batch.bufs.len() < BATCH_BUFS {
             match self.chunks.pop_front() {
