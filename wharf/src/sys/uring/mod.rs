@@ -367,12 +367,9 @@ impl Driver {
                     // being accepted (it reset first, a signal): `None`
                     // asks the loop to re-arm at once. Anything else (EMFILE,
                     // ENFILE, ENOMEM) pauses accepting.
-                    let error =
-                        (res < 0 && res != -libc::ECANCELED && !transient_accept_error(-res))
-                            .then(|| io::Error::from_raw_os_error(-res));
                     f(Event::AcceptEnded {
                         listener: id,
-                        error,
+                        error: accept_end_error(res),
                     });
                 }
             }
@@ -496,6 +493,14 @@ impl Drop for Driver {
 
 /// Accept errors that concern only the connection being accepted, or the
 /// call: re-arm at once, as the poll backend does.
+/// What ended a multishot accept whose last completion was `res`, as the
+/// loop needs it: `None` to re-arm at once (a cancel, or an error that
+/// concerns only the client being accepted), the error to pause on.
+fn accept_end_error(res: i32) -> Option<io::Error> {
+    (res < 0 && res != -libc::ECANCELED && !transient_accept_error(-res))
+        .then(|| io::Error::from_raw_os_error(-res))
+}
+
 fn transient_accept_error(errno: i32) -> bool {
     matches!(
         errno,
@@ -592,4 +597,34 @@ pub(crate) fn probe() -> io::Result<()> {
         return Err(missing("cancel by descriptor"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::accept_end_error;
+
+    /// Errors that concern one client (it reset before we took it, a
+    /// signal) re-arm accepting; running out of descriptors or memory
+    /// pauses it.
+    #[test]
+    fn only_resource_errors_pause_accepting() {
+        for errno in [
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::EAGAIN,
+            libc::EPROTO,
+            libc::EPERM,
+        ] {
+            assert!(
+                accept_end_error(-errno).is_none(),
+                "errno {errno} paused accepting"
+            );
+        }
+        assert!(accept_end_error(-libc::ECANCELED).is_none());
+        assert!(accept_end_error(5).is_none(), "a last successful accept");
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
+            let e = accept_end_error(-errno).expect("a pause");
+            assert_eq!(e.raw_os_error(), Some(errno));
+        }
+    }
 }
