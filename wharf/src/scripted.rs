@@ -21,8 +21,10 @@
 //! no id is still open, no connection is still counted, and a loop whose
 //! driver failed refuses sends with `LoopFailed`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -326,7 +328,7 @@ struct Client {
 pub(crate) struct Run {
     plan: Plan,
     clients: Vec<Client>,
-    world: Arc<Mutex<World>>,
+    world: Rc<RefCell<World>>,
     records: Records,
     handle: Handle,
     failed: bool,
@@ -340,7 +342,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
     let s = plan.settings;
     let clock = Clock::new();
     let records = Arc::new(Mutex::new(Records::default()));
-    let world = Arc::new(Mutex::new(World::default()));
+    let world = Rc::new(RefCell::new(World::default()));
     let mut builder = Builder::default()
         .framing(Framing::length_prefixed().max_frame(s.max_frame))
         .send_water_marks(s.high_water, s.high_water / 2)
@@ -474,7 +476,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
     let c = clock.clone();
     event_loop.run_with(move || c.now());
     let records = std::mem::take(&mut *records.lock().unwrap());
-    let failed = world.lock().unwrap().failed;
+    let failed = world.borrow_mut().failed;
     Run {
         plan: plan.clone(),
         clients,
@@ -503,7 +505,7 @@ impl Run {
             }
             *t.entry("messages".into()).or_default() += c.delivered.len() as u64;
         }
-        let world = self.world.lock().unwrap();
+        let world = self.world.borrow_mut();
         let read: usize = world.peers.iter().map(|p| p.received.len()).sum();
         *t.entry("bytes read back".into()).or_default() += read as u64;
         *t.entry("failed loops".into()).or_default() += world.failed as u64;
@@ -546,7 +548,7 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
     if let Some(v) = r.violations.first() {
         return Err(v.clone());
     }
-    let world = run.world.lock().unwrap();
+    let world = run.world.borrow_mut();
     // Flushes that nothing may cut: no write-stall timeout, no short
     // shutdown, no failed driver.
     let strict_flush = s.write_stall.is_none() && !run.short_shutdown && !run.failed;

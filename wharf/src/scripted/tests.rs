@@ -95,7 +95,7 @@ fn reason_of(run: &Run, client: usize) -> CloseReason {
 }
 
 fn echoes_of(run: &Run, client: usize) -> usize {
-    let world = run.world.lock().unwrap();
+    let world = run.world.borrow_mut();
     let peer = world.peer_by_addr(fake::client_addr(client)).unwrap();
     frames(&peer.received, usize::MAX).0.len()
 }
@@ -163,7 +163,7 @@ fn an_idle_timer_lets_the_loop_sleep_and_fires_on_time() {
     ];
     let run = run(&Plan { settings: s, steps });
     check(&run).unwrap();
-    let turns = run.world.lock().unwrap().turns;
+    let turns = run.world.borrow_mut().turns;
     assert!(turns < 20, "{turns} waits for a minute of quiet");
     assert_eq!(reason_of(&run, 0), CloseReason::IdleTimeout);
     let c = &run.records.conns[&fake::client_addr(0)];

@@ -16,12 +16,14 @@
 //! `sys`): no second receive or send on a slot while one is in flight, no
 //! empty send, no wait that could never end.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Type};
@@ -174,7 +176,7 @@ pub(crate) struct Driver {
     ops: VecDeque<Op>,
     /// Runs once when the script is exhausted (the test posts its shutdown).
     end: Option<Box<dyn FnOnce()>>,
-    world: Arc<Mutex<World>>,
+    world: Rc<RefCell<World>>,
     woken: Arc<AtomicBool>,
     listening: bool,
     unlisten: bool,
@@ -209,7 +211,7 @@ impl Driver {
         quirks: Quirks,
         ops: Vec<Op>,
         end: Box<dyn FnOnce()>,
-        world: Arc<Mutex<World>>,
+        world: Rc<RefCell<World>>,
     ) -> Driver {
         Driver {
             clock,
@@ -255,7 +257,7 @@ impl Driver {
 
     pub(crate) fn recv(&mut self, slot: u32, socket: &Socket) {
         let peer = self.peer_of(slot, socket);
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         let p = &mut world.peers[peer];
         assert_eq!(
             p.recv,
@@ -267,7 +269,7 @@ impl Driver {
 
     pub(crate) fn send(&mut self, slot: u32, socket: &Socket, batch: Box<SendBatch>) {
         let peer = self.peer_of(slot, socket);
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         let p = &mut world.peers[peer];
         assert!(p.send.is_none(), "slot {slot}: a second send in flight");
         assert!(!batch.is_empty(), "slot {slot}: an empty send");
@@ -275,7 +277,7 @@ impl Driver {
     }
 
     pub(crate) fn connect(&mut self, slot: u32, socket: &Socket, addr: SocketAddr) {
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         world.peers.push(Peer {
             addr: Some(addr),
             connecting: true,
@@ -288,7 +290,7 @@ impl Driver {
 
     pub(crate) fn cancel(&mut self, slot: u32, socket: &Socket) {
         let peer = self.peer_of(slot, socket);
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         let p = &mut world.peers[peer];
         p.cancel = true;
         if p.recv == Recv::Armed {
@@ -298,7 +300,7 @@ impl Driver {
 
     pub(crate) fn cancel_recv(&mut self, slot: u32, socket: &Socket) {
         let peer = self.peer_of(slot, socket);
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         let p = &mut world.peers[peer];
         if p.recv == Recv::Armed {
             p.recv = Recv::Cancelling;
@@ -306,7 +308,7 @@ impl Driver {
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        let world = self.world.lock().unwrap();
+        let world = self.world.borrow_mut();
         let peers: usize = world.peers.iter().map(Peer::busy).sum();
         peers + self.listening as usize
     }
@@ -317,7 +319,7 @@ impl Driver {
         mut f: impl FnMut(Event<'_>) -> Flow,
     ) -> io::Result<()> {
         {
-            let mut world = self.world.lock().unwrap();
+            let mut world = self.world.borrow_mut();
             world.turns += 1;
             self.clock.turns.store(world.turns, Ordering::Relaxed);
             assert!(
@@ -326,13 +328,13 @@ impl Driver {
             );
         }
         if std::mem::take(&mut self.fail) {
-            self.world.lock().unwrap().failed = true;
+            self.world.borrow_mut().failed = true;
             return Err(io::Error::other("the scripted driver failed"));
         }
         let slept = self.run_ops(timeout);
         if self.ops.is_empty() && !self.ready() {
             if let Some(end) = self.end.take() {
-                let mut world = self.world.lock().unwrap();
+                let mut world = self.world.borrow_mut();
                 world.ended = true;
                 // From now on every peer reads whatever it is sent.
                 for p in &mut world.peers {
@@ -351,7 +353,7 @@ impl Driver {
         match timeout {
             Some(t) => self.clock.advance(t),
             None => {
-                let world = self.world.lock().unwrap();
+                let world = self.world.borrow_mut();
                 let busy: Vec<usize> = (0..world.peers.len())
                     .filter(|&i| world.peers[i].busy() > 0)
                     .collect();
@@ -368,7 +370,7 @@ impl Driver {
     /// has connected.
     fn with_client(&self, n: usize, f: impl FnOnce(&mut Peer)) {
         if let Some(&peer) = self.clients.get(n) {
-            f(&mut self.world.lock().unwrap().peers[peer]);
+            f(&mut self.world.borrow_mut().peers[peer]);
         }
     }
 
@@ -380,7 +382,7 @@ impl Driver {
         if self.listening && !self.backlog.is_empty() {
             return true;
         }
-        let world = self.world.lock().unwrap();
+        let world = self.world.borrow_mut();
         world.peers.iter().any(|p| {
             p.connecting
                 || p.recv == Recv::Cancelling
@@ -409,7 +411,7 @@ impl Driver {
                     return true;
                 }
                 Op::Connect => {
-                    let mut world = self.world.lock().unwrap();
+                    let mut world = self.world.borrow_mut();
                     let n = world.peers.len();
                     world.peers.push(Peer {
                         addr: Some(client_addr(self.clients.len())),
@@ -462,7 +464,7 @@ impl Driver {
             self.by_fd.insert(socket.as_raw_fd(), peer);
             let now = self.clock.now();
             let addr = {
-                let mut world = self.world.lock().unwrap();
+                let mut world = self.world.borrow_mut();
                 let turn = world.turns;
                 world.peers[peer].reads.push((turn, now));
                 world.peers[peer].addr
@@ -492,7 +494,7 @@ impl Driver {
         // Each event is taken out of the world before the loop sees it:
         // the loop's callbacks may call back into the driver.
         let connected = {
-            let mut world = self.world.lock().unwrap();
+            let mut world = self.world.borrow_mut();
             let p = &mut world.peers[peer];
             std::mem::take(&mut p.connecting).then(|| {
                 let port = p.addr.map_or(0, |a| a.port());
@@ -527,7 +529,7 @@ impl Driver {
             }
         }
         let sent = {
-            let mut world = self.world.lock().unwrap();
+            let mut world = self.world.borrow_mut();
             let max_write = self.quirks.max_write;
             let p = &mut world.peers[peer];
             match p.send.take() {
@@ -574,7 +576,7 @@ impl Driver {
     fn next_recv(&mut self, peer: usize) -> (Option<Option<RecvEnd>>, Vec<u8>) {
         let now = self.clock.now();
         let chunk = self.quirks.chunk.max(1);
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.world.borrow_mut();
         let turn = world.turns;
         let p = &mut world.peers[peer];
         let mut data = || {
