@@ -10,10 +10,9 @@
 
 mod util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use util::counting::{live, Counting};
 use util::*;
 use wharf::{Conn, Framing, Handler, Server};
 
@@ -24,39 +23,6 @@ impl Handler for Plain {
     type State = ();
     fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
         conn.send(msg).expect("an echo");
-    }
-}
-
-/// The system allocator, counting the bytes live.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is passed to the system allocator unchanged; the
-// counter only observes sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Relaxed);
-        // SAFETY: the caller's contract for `alloc`, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Relaxed);
-        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Relaxed);
-        // SAFETY: the caller's contract for `dealloc`, passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
-        // SAFETY: the caller's contract for `realloc`, passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -88,7 +54,7 @@ fn heap_per_idle_connection(backend: wharf::Backend, n: usize, size: usize) -> f
     std::thread::sleep(Duration::from_millis(200));
     // The clients' own vector, made before the count starts too.
     let mut conns = Vec::with_capacity(n);
-    let before = LIVE.load(Relaxed);
+    let before = live();
     for i in 0..n {
         let mut s = connect(addr);
         if size > 0 {
@@ -104,7 +70,7 @@ fn heap_per_idle_connection(backend: wharf::Backend, n: usize, size: usize) -> f
     });
     // The loop settles (a send's completion frees its batch's buffers).
     std::thread::sleep(Duration::from_millis(300));
-    let after = LIVE.load(Relaxed);
+    let after = live();
     drop(conns);
     drop(warm);
     server.shutdown(Duration::from_secs(2)).unwrap();

@@ -2,6 +2,8 @@
 //! clients that speak the length-prefixed framing, and resource counters.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod counting;
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
