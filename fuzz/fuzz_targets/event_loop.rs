@@ -19,7 +19,11 @@ fn let_handler_panics_unwind() {
     ONCE.call_once(|| {
         let abort = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let msg = info.payload().downcast_ref::<String>().map(String::as_str);
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
             if msg != Some(wharf::fuzzing::HANDLER_PANIC) {
                 abort(info);
             }

@@ -337,6 +337,7 @@ impl Builder {
         self,
         handler: H,
         driver: sys::fake::Driver,
+        now: std::time::Instant,
     ) -> (EventLoop<H>, Handle) {
         let handle = self.handle(1);
         let config = LoopConfig {
@@ -359,6 +360,7 @@ impl Builder {
             handle.clone(),
             vec![listener],
             sys::Driver::Fake(driver),
+            now,
         );
         (event_loop, handle)
     }

@@ -134,6 +134,7 @@ impl Plan {
         let high_water = 64 + input.byte() as usize * 64;
         let idle = input.byte();
         let stall = input.byte();
+        let quirk = input.byte();
         let settings = Settings {
             max_frame,
             high_water,
@@ -143,7 +144,8 @@ impl Plan {
             quirks: Quirks {
                 chunk: input.pick(&[1, 7, 64, 512, 4096, 16384]),
                 max_write: input.pick(&[1, 5, 100, 4096, usize::MAX]),
-                late_data: input.byte() & 1 == 1,
+                late_data: quirk & 1 == 1,
+                after_pause: (quirk as usize >> 1) % 3,
             },
             panics,
         };
@@ -322,6 +324,8 @@ struct Client {
     written: Vec<u8>,
     closed: bool,
     reset: bool,
+    /// A `Disconnect` step named it.
+    disconnected: bool,
 }
 
 /// What a run did, for [`check`].
@@ -425,6 +429,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
                 })));
             }
             Step::Disconnect { client } => {
+                clients[*client].disconnected = true;
                 let (h, r) = (handle_cell.clone(), records.clone());
                 let addr = fake::client_addr(*client);
                 ops.push(Op::Host(Box::new(move || {
@@ -471,7 +476,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
         clock: clock.clone(),
         panics: s.panics,
     };
-    let (event_loop, handle) = builder.scripted(handler, driver);
+    let (event_loop, handle) = builder.scripted(handler, driver, clock.now());
     *handle_cell.lock().unwrap() = Some(handle.clone());
     let c = clock.clone();
     event_loop.run_with(move || c.now());
@@ -549,6 +554,19 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         return Err(v.clone());
     }
     let world = run.world.borrow_mut();
+    // Without a shutdown step or a failure, the loop runs the whole script
+    // and takes every client it was handed.
+    let shut = run.plan.steps.iter().any(|s| matches!(s, Step::Shutdown(_)));
+    if !shut && !run.failed {
+        if !world.ended {
+            return Err("the loop finished before its script did".into());
+        }
+        for (i, p) in world.peers.iter().enumerate() {
+            if p.accepted && p.addr.is_some_and(|a| !r.conns.contains_key(&a)) {
+                return Err(format!("peer {i} was accepted, but on_open never ran"));
+            }
+        }
+    }
     // Flushes that nothing may cut: no write-stall timeout, no short
     // shutdown, no failed driver.
     let strict_flush = s.write_stall.is_none() && !run.short_shutdown && !run.failed;
@@ -584,7 +602,9 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         let last = c.delivered.last().and_then(|m| m.first().copied());
         panics += (s.panics && last == Some(b'P')) as u64;
         let reason_ok = match &reason {
-            CloseReason::PeerClosed => c.delivered.len() == whole.len() && oversized.is_none(),
+            CloseReason::PeerClosed => {
+                client.closed && c.delivered.len() == whole.len() && oversized.is_none()
+            }
             CloseReason::FrameTooLarge { len, max } => {
                 Some(*len) == oversized && *max == s.max_frame && c.delivered.len() == whole.len()
             }
@@ -612,7 +632,8 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
                 true
             }
             CloseReason::WriteStalled => s.write_stall.is_some(),
-            CloseReason::Disconnected | CloseReason::Shutdown => true,
+            CloseReason::Disconnected => client.disconnected,
+            CloseReason::Shutdown => true,
             CloseReason::LoopFailed => run.failed,
             other => return Err(what(format!("unexpected close reason {other:?}"))),
         };
@@ -650,7 +671,7 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             reason,
             CloseReason::Io(_) | CloseReason::WriteStalled | CloseReason::LoopFailed
         );
-        if strict_flush && flushes && !client.reset && !peer.cut && echoes.len() != expected.len() {
+        if strict_flush && flushes && !client.reset && echoes.len() != expected.len() {
             return Err(what(format!(
                 "closed with {reason:?}: {} of {} echoes arrived",
                 echoes.len(),

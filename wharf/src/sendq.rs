@@ -21,6 +21,10 @@ const BATCH_BUFS: usize = 64;
 /// thing it once sent.
 const TAIL_KEEP: usize = 4 * 1024;
 
+/// Above this capacity an empty chunk list is freed when the queue goes
+/// quiet.
+const CHUNKS_KEEP: usize = 8;
+
 #[derive(Default)]
 pub(crate) struct OutQueue {
     chunks: VecDeque<Bytes>,
@@ -106,9 +110,10 @@ impl OutQueue {
         if self.tail.capacity() > TAIL_KEEP {
             self.tail = BytesMut::new();
         }
-        if self.chunks.is_empty() && self.chunks.capacity() > 0 {
-            // Allocated only by a message sent without copying (large,
-            // shared or broadcast): an idle connection keeps none.
+        if self.chunks.is_empty() && self.chunks.capacity() > CHUNKS_KEEP {
+            // Grown by messages sent without copying (large, shared or
+            // broadcast): a small list is kept, so that a connection
+            // receiving broadcasts does not allocate one per message.
             self.chunks = VecDeque::new();
         }
     }

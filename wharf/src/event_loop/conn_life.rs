@@ -149,15 +149,16 @@ impl<H: Handler> Core<H> {
         };
         if slot.ctl.close_request.is_some() {
             // Closing at the end of this turn (the handler asked, or it
-            // panicked): the rest of the stream is never read as messages,
-            // and the bytes held after the last one were dropped, so these
-            // could not be framed anyway.
+            // panicked): the rest of the stream is never read as messages.
+            // What was held after the last message is dropped with the
+            // close, so these bytes could not be framed anyway.
             return Flow::Continue;
         }
         slot.last_recv_tick = self.stamp_tick;
         if open.congested || !open.held.is_empty() || slot.ctl.unsent > high {
-            // Back-pressure: keep what arrives until the queue drains (the
-            // receive is being paused: at most one more buffer comes).
+            // Back-pressure: keep what arrives until the queue drains. The
+            // receive is being paused: poll and IOCP read nothing more this
+            // turn; io_uring may still report what its receive had queued.
             open.held.extend_from_slice(data);
             return Flow::Pause;
         }

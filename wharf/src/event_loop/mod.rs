@@ -126,17 +126,24 @@ impl<H: Handler> EventLoop<H> {
     ) -> std::io::Result<Self> {
         let driver = Driver::new(&config.driver)?;
         Ok(Self::with_driver(
-            config, handler, handle, listeners, driver,
+            config,
+            handler,
+            handle,
+            listeners,
+            driver,
+            Instant::now(),
         ))
     }
 
-    /// A loop on a driver made elsewhere (the tests' scripted driver).
+    /// A loop on a driver made elsewhere (the tests' scripted driver),
+    /// whose clock reads `now` at the start.
     pub(crate) fn with_driver(
         config: LoopConfig,
         handler: Arc<H>,
         handle: Handle,
         listeners: Vec<Listener>,
         mut driver: Driver,
+        now: Instant,
     ) -> Self {
         let listeners: Vec<ListenerState> = listeners
             .into_iter()
@@ -153,7 +160,6 @@ impl<H: Handler> EventLoop<H> {
         handle.shared.loops[config.index]
             .mailbox
             .set_waker(driver.waker());
-        let now = Instant::now();
         EventLoop {
             driver,
             core: Core {

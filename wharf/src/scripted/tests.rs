@@ -8,7 +8,11 @@ fn quiet_panics() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let msg = info.payload().downcast_ref::<String>().map(String::as_str);
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
             if msg != Some(PANIC) {
                 previous(info);
             }
@@ -77,6 +81,7 @@ fn settings() -> Settings {
             chunk: 16 * 1024,
             max_write: usize::MAX,
             late_data: false,
+            after_pause: 0,
         },
         panics: true,
     }
@@ -105,9 +110,8 @@ fn echoes_of(run: &Run, client: usize) -> usize {
 /// reads. Every request must be answered before the close.
 #[test]
 fn half_close_under_back_pressure_answers_every_request() {
-    // Buffer sizes that end the stream at different points of a frame
-    // and of the mark.
-    // and of the mark (a 64-byte mark: every message crosses it).
+    // Buffer sizes that end the stream at different points of a frame,
+    // and marks (a 64-byte mark: every message crosses it).
     let cases = [
         (16384, 65536, false),
         (16384, 65536, true),
@@ -149,7 +153,8 @@ fn half_close_under_back_pressure_answers_every_request() {
 
 /// A loop with only an idle timer armed sleeps until it is due: a minute
 /// of quiet takes a handful of waits, not one per tick; and the timeout
-/// fires neither early nor more than a tick late.
+/// fires neither early nor more than two ticks late (the deadline rounds
+/// up to a tick, and the wheel looks at a tick once it has begun).
 #[test]
 fn an_idle_timer_lets_the_loop_sleep_and_fires_on_time() {
     let mut s = settings();

@@ -101,6 +101,8 @@ enum Recv {
 #[derive(Default)]
 pub(crate) struct Peer {
     pub(crate) addr: Option<SocketAddr>,
+    /// The driver handed the loop its connection.
+    pub(crate) accepted: bool,
     /// Written by the peer, not yet read by the server.
     inbound: VecDeque<Vec<u8>>,
     eof: bool,
@@ -164,6 +166,10 @@ pub(crate) struct Quirks {
     /// the end of the stream if that was the last, as completions already
     /// queued would.
     pub(crate) late_data: bool,
+    /// Buffers still reported in the turn the loop answered `Flow::Pause`,
+    /// as io_uring reports what its multishot receive had queued (0: none,
+    /// as poll and IOCP).
+    pub(crate) after_pause: usize,
 }
 
 const MAX_TURNS: u64 = 200_000;
@@ -467,6 +473,7 @@ impl Driver {
                 let mut world = self.world.borrow_mut();
                 let turn = world.turns;
                 world.peers[peer].reads.push((turn, now));
+                world.peers[peer].accepted = true;
                 world.peers[peer].addr
             };
             f(Event::Accepted {
@@ -511,6 +518,7 @@ impl Driver {
             f(Event::Connected { slot, result });
             any = true;
         }
+        let mut after_pause = None;
         for _ in 0..READS_PER_TURN {
             let (event, data) = self.next_recv(peer);
             match event {
@@ -522,8 +530,13 @@ impl Driver {
                 }
                 Some(None) => {
                     any = true;
-                    if f(Event::Received { slot, data: &data }) == Flow::Pause {
-                        break;
+                    let flow = f(Event::Received { slot, data: &data });
+                    if flow == Flow::Pause || after_pause.is_some() {
+                        let left = after_pause.get_or_insert(self.quirks.after_pause);
+                        if *left == 0 {
+                            break;
+                        }
+                        *left -= 1;
                     }
                 }
             }

@@ -25,7 +25,9 @@
 //!     idle connection holds no receive buffer. The loop answers a
 //!     `Received` with [`Flow::Pause`] when it wants no more data for now
 //!     (the connection crossed its high-water mark): the driver then reads
-//!     nothing more for that slot in this turn, and usually the loop
+//!     nothing more for that slot in this turn (io_uring, whose multishot
+//!     receive reads on its own, still reports what it had queued by
+//!     then; the loop holds it), and usually the loop
 //!     cancels the receive. If it does not (the queue drained in the same
 //!     turn), receiving goes on in the next turn as if never paused, even
 //!     if the peer sends nothing new. Receiving ends with exactly one [`Event::RecvEnded`]; with
