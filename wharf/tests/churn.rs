@@ -132,7 +132,7 @@ fn churn(secs: u64) {
             // Memory outside the heap (and what the allocator keeps of
             // freed heap) stays flat: the resident size grows by what the
             // heap grew, give or take 4 MiB.
-            let heap_kib = (heap_after - heap).max(0) as u64 / 1024;
+            let heap_kib = (heap_after - heap).max(0) as usize / 1024;
             assert!(
                 rss_after <= rss + heap_kib + 4096,
                 "RSS grew from {rss} to {rss_after} KiB (the heap by {heap_kib} KiB)"
