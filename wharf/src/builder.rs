@@ -331,15 +331,22 @@ impl Builder {
     }
 
     /// One loop on the scripted driver, to run on this thread (the tests'
-    /// seam: see `sys::fake` and `crate::scripted`).
+    /// seam: see `sys::fake` and `crate::scripted`). With `ended_siblings`,
+    /// the server has that many more loops, which have ended already: the
+    /// loop spreads its accepts to them as loops sharing one listening
+    /// socket do, and must keep what they refuse.
     #[cfg(all(unix, any(test, fuzzing)))]
     pub(crate) fn scripted<H: Handler>(
         self,
         handler: H,
         driver: sys::fake::Driver,
         now: std::time::Instant,
+        ended_siblings: usize,
     ) -> (EventLoop<H>, Handle) {
-        let handle = self.handle(1);
+        let handle = self.handle(1 + ended_siblings);
+        for sibling in &handle.shared.loops[1..] {
+            drop(sibling.mailbox.close());
+        }
         let config = LoopConfig {
             index: 0,
             driver: DriverConfig {
@@ -351,7 +358,7 @@ impl Builder {
             framing: self.framing.clone(),
             socket_options: self.socket_options,
             limits: self.limits,
-            spread_accepts: false,
+            spread_accepts: ended_siblings > 0,
         };
         let listener = sys::fake::placeholder();
         let event_loop = EventLoop::with_driver(

@@ -54,6 +54,8 @@ pub(crate) struct Settings {
     pub(crate) linger: Duration,
     pub(crate) quirks: Quirks,
     pub(crate) panics: bool,
+    /// Loops of the same server that have ended (see `Builder::scripted`).
+    pub(crate) ended_siblings: usize,
 }
 
 /// One step of a plan (client numbers count `Connect`s).
@@ -148,6 +150,7 @@ impl Plan {
                 after_pause: (quirk as usize >> 1) % 3,
             },
             panics,
+            ended_siblings: (quirk >> 3) as usize % 2,
         };
         let mut steps = Vec::new();
         let mut clients = 0usize;
@@ -475,7 +478,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
         clock: clock.clone(),
         panics: s.panics,
     };
-    let (event_loop, handle) = builder.scripted(handler, driver, clock.now());
+    let (event_loop, handle) = builder.scripted(handler, driver, clock.now(), s.ended_siblings);
     *handle_cell.lock().unwrap() = Some(handle.clone());
     let c = clock.clone();
     event_loop.run_with(move || c.now());

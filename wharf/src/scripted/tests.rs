@@ -84,6 +84,7 @@ fn settings() -> Settings {
             after_pause: 0,
         },
         panics: true,
+        ended_siblings: 0,
     }
 }
 
@@ -282,4 +283,26 @@ fn nothing_is_delivered_after_a_close_request() {
     assert_eq!(reason_of(&run, 0), CloseReason::Local);
     assert_eq!(run.records.conns[&fake::client_addr(0)].delivered.len(), 1);
     assert_eq!(echoes_of(&run, 0), 1);
+}
+
+/// Accepts spread to a sibling loop that has ended come back and are
+/// served here: none is left open and unserved.
+#[test]
+fn accepts_handed_to_an_ended_loop_are_served() {
+    let mut s = settings();
+    s.ended_siblings = 1;
+    let mut steps = Vec::new();
+    for client in 0..6 {
+        steps.push(Step::Connect);
+        steps.push(frames_of(client, 2, 10, b'e'));
+        steps.push(Step::Write { client, n: 0 });
+        steps.push(Step::Eof { client });
+        steps.push(Step::Turn);
+    }
+    let run = run(&Plan { settings: s, steps });
+    check(&run).unwrap();
+    for client in 0..6 {
+        assert_eq!(reason_of(&run, client), CloseReason::PeerClosed);
+        assert_eq!(echoes_of(&run, client), 2);
+    }
 }

@@ -287,17 +287,7 @@ impl Driver {
                 self.backlog.push_front(entry);
                 match self.ring.submit() {
                     Ok(_) => {}
-                    // The completion queue is full (EBUSY), the kernel is
-                    // short of memory for a moment (EAGAIN), or a signal
-                    // came (EINTR): reap first, then go on next turn.
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
-                        ) =>
-                    {
-                        return Ok(())
-                    }
+                    Err(e) if submit_can_wait(&e) => return Ok(()),
                     Err(e) => return Err(e),
                 }
             }
@@ -493,6 +483,17 @@ impl Drop for Driver {
 
 /// Accept errors that concern only the connection being accepted, or the
 /// call: re-arm at once, as the poll backend does.
+/// Whether a failed submit only has to wait: the completion queue is full
+/// (EBUSY), the kernel is short of memory for a moment (EAGAIN), or a
+/// signal came (EINTR). The loop reaps first and submits again next turn;
+/// anything else is the ring failing.
+fn submit_can_wait(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+    )
+}
+
 /// What ended a multishot accept whose last completion was `res`, as the
 /// loop needs it: `None` to re-arm at once (a cancel, or an error that
 /// concerns only the client being accepted), the error to pause on.
@@ -601,7 +602,20 @@ pub(crate) fn probe() -> io::Result<()> {
 
 #[cfg(test)]
 mod accept_tests {
-    use super::accept_end_error;
+    use super::{accept_end_error, submit_can_wait};
+    use std::io;
+
+    /// A submit refused for a moment waits for the next turn; a broken
+    /// ring fails the loop.
+    #[test]
+    fn only_a_broken_ring_fails_a_submit() {
+        for errno in [libc::EBUSY, libc::EAGAIN, libc::EINTR] {
+            assert!(submit_can_wait(&io::Error::from_raw_os_error(errno)), "errno {errno}");
+        }
+        for errno in [libc::EBADF, libc::EFAULT, libc::EINVAL, libc::ENXIO] {
+            assert!(!submit_can_wait(&io::Error::from_raw_os_error(errno)), "errno {errno}");
+        }
+    }
 
     /// Errors that concern one client (it reset before we took it, a
     /// signal) re-arm accepting; running out of descriptors or memory
