@@ -610,10 +610,16 @@ mod accept_tests {
     #[test]
     fn only_a_broken_ring_fails_a_submit() {
         for errno in [libc::EBUSY, libc::EAGAIN, libc::EINTR] {
-            assert!(submit_can_wait(&io::Error::from_raw_os_error(errno)), "errno {errno}");
+            assert!(
+                submit_can_wait(&io::Error::from_raw_os_error(errno)),
+                "errno {errno}"
+            );
         }
         for errno in [libc::EBADF, libc::EFAULT, libc::EINVAL, libc::ENXIO] {
-            assert!(!submit_can_wait(&io::Error::from_raw_os_error(errno)), "errno {errno}");
+            assert!(
+                !submit_can_wait(&io::Error::from_raw_os_error(errno)),
+                "errno {errno}"
+            );
         }
     }
 
