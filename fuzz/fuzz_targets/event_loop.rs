@@ -7,31 +7,13 @@
 //! timing and the server's counts after the run.
 //!
 //! Handler panics are part of the scripts: libFuzzer's panic hook aborts
-//! on any panic, so the hook is wrapped to let the handler's own panic
-//! unwind (the loop contains it) and abort on every other.
+//! on any panic, so it is wrapped to let the handler's own panic unwind
+//! (the loop contains it) and abort on every other.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::sync::Once;
-
-fn let_handler_panics_unwind() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let abort = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied());
-            if msg != Some(wharf::fuzzing::HANDLER_PANIC) {
-                abort(info);
-            }
-        }));
-    });
-}
 
 fuzz_target!(|data: &[u8]| {
-    let_handler_panics_unwind();
+    wharf::fuzzing::let_handler_panics_unwind();
     wharf::fuzzing::run_loop_script(data, true);
 });

@@ -104,6 +104,11 @@ pub mod fuzzing {
         }
     }
 
-    /// The message of the handler panics `run_loop_script` provokes.
-    pub const HANDLER_PANIC: &str = crate::scripted::PANIC;
+    /// Wraps the panic hook so that the handler panics `run_loop_script`
+    /// provokes unwind (the loop contains them) and every other panic
+    /// reaches the hook as before. Call it once before running scripts.
+    #[cfg(unix)]
+    pub fn let_handler_panics_unwind() {
+        crate::scripted::let_handler_panics_unwind()
+    }
 }

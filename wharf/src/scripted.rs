@@ -40,9 +40,28 @@ use crate::mailbox::Command;
 use crate::sys::fake::{self, Clock, Op, Quirks, World};
 use crate::Framing;
 
-/// The panic message of a `P` message (the tests' panic hook keeps quiet
-/// about it).
+/// The panic message of a `P` message.
 pub(crate) const PANIC: &str = "wharf scripted panic";
+
+/// Wraps the process's panic hook, once, so that the handler's own panic
+/// (`PANIC`) unwinds quietly into the loop that contains it; every other
+/// panic goes to the hook as before (which, under libFuzzer, aborts).
+pub(crate) fn let_handler_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
+            if msg != Some(PANIC) {
+                previous(info);
+            }
+        }));
+    });
+}
 
 /// The server and driver settings of a run.
 #[derive(Clone, Copy, Debug)]

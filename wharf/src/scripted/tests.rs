@@ -4,20 +4,7 @@
 use super::*;
 
 fn quiet_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied());
-            if msg != Some(PANIC) {
-                previous(info);
-            }
-        }));
-    });
+    let_handler_panics_unwind();
 }
 
 #[test]
