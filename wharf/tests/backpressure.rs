@@ -5,10 +5,10 @@ mod util;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use util::*;
-use wharf::{Bytes, Conn, ConnId, Handler, SendError};
+use wharf::{Bytes, Conn, ConnId, Handler};
 
 #[derive(Default, Clone)]
 struct Drains {
@@ -45,19 +45,7 @@ fn handle_send_refuses_over_the_high_mark_and_drain_resumes() {
         // The client does not read: the kernel's buffers fill, then the
         // queue passes 64 KiB and sends are refused.
         let chunk = Bytes::from(vec![7u8; 16 * 1024]);
-        let mut sent = 0usize;
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            match handle.send(id, chunk.clone()) {
-                Ok(()) => sent += 1,
-                Err(SendError::Backpressure) => break,
-                Err(e) => panic!("unexpected {e}"),
-            }
-            assert!(Instant::now() < end, "never refused after {sent} sends");
-            if sent % 64 == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        let sent = fill_until_held(&handle, id, &chunk, 64 << 20) / chunk.len();
         eprintln!("refused after {sent} × 16 KiB (most sit in kernel buffers)");
         // The kernel may have taken more meanwhile (its buffers grow), so
         // drains before the client reads are possible; one more must follow.

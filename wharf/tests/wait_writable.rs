@@ -52,24 +52,9 @@ fn other_threads_are_held_to_the_mark_and_told_when_it_drains() {
         // accepted is bounded (queue and transit: about twice the mark plus
         // two messages, and what the kernel's buffers took).
         let msg = Bytes::from(vec![7u8; 4096]);
-        let mut accepted = 0usize;
-        let refused = loop {
-            match handle.send(id, msg.clone()) {
-                Ok(()) => accepted += msg.len(),
-                Err(e) => break e,
-            }
-            assert!(
-                accepted < 4 << 20,
-                "4 MiB accepted for a peer that reads nothing"
-            );
-        };
-        assert_eq!(refused, SendError::Backpressure);
-        eprintln!("accepted {accepted} bytes before back-pressure");
-        assert_eq!(
-            handle.wait_writable(id, Duration::from_millis(200)),
-            Ok(false),
-            "writable while the peer reads nothing"
-        );
+        let accepted = fill_until_held(&handle, id, &msg, 4 << 20);
+        eprintln!("accepted {accepted} bytes before back-pressure held");
+        assert_eq!(handle.send(id, msg.clone()), Err(SendError::Backpressure));
         // The peer reads everything: the connection drains.
         let reader = std::thread::spawn(move || {
             let mut total = 0;

@@ -114,6 +114,36 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Sends `msg` to `id` from another thread until back-pressure holds: a
+/// send is refused and the connection stays unwritable for 200 ms. A
+/// refusal alone is not enough: it can come from bytes still in transit
+/// to the loop, which a slow loop (Wine, a loaded machine) then hands to
+/// kernel buffers that still had room. Returns the bytes accepted; panics
+/// if more than `bound` were taken from a peer that reads nothing.
+pub fn fill_until_held(
+    handle: &wharf::Handle,
+    id: ConnId,
+    msg: &wharf::Bytes,
+    bound: usize,
+) -> usize {
+    let mut accepted = 0usize;
+    loop {
+        match handle.send(id, msg.clone()) {
+            Ok(()) => accepted += msg.len(),
+            Err(wharf::SendError::Backpressure) => {
+                if handle.wait_writable(id, Duration::from_millis(200)) == Ok(false) {
+                    return accepted;
+                }
+            }
+            Err(e) => panic!("unexpected send error {e}"),
+        }
+        assert!(
+            accepted < bound,
+            "{accepted} bytes accepted for a peer that reads nothing"
+        );
+    }
+}
+
 /// Open file descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
