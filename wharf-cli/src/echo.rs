@@ -1,9 +1,11 @@
 //! `wharf echo`: an echo server that prints its load once a second.
 
+use std::collections::hash_map::DefaultHasher;
 use std::error::Error;
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use wharf::{Conn, Framing, Handler, Server, Stats};
+use wharf::{Bytes, Conn, Framing, Handler, Server, Stats};
 
 use crate::serve::{self, ServeArgs, Stop};
 
@@ -18,20 +20,80 @@ pub(crate) struct Args {
     /// Largest length-prefixed message accepted [default: 1048576].
     #[arg(long, value_name = "BYTES", conflicts_with = "raw")]
     max_frame: Option<usize>,
+    /// Handle every message with a job on the worker pool that keeps a CPU
+    /// busy for a random time in this range (microseconds), then echoes
+    /// it: replies stay in order per connection.
+    #[arg(long, value_name = "MIN-MAX", value_parser = parse_range)]
+    work_us: Option<(u64, u64)>,
+    /// Worker threads for `--work-us` [default: one per CPU].
+    #[arg(long, value_name = "N", requires = "work_us", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
-struct Echo;
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{v:?} is not a number of microseconds: {e}"))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo > hi {
+        return Err(format!("MIN {lo} is larger than MAX {hi}"));
+    }
+    Ok((lo, hi))
+}
+
+struct Echo {
+    work_us: Option<(u64, u64)>,
+}
 
 impl Handler for Echo {
-    type State = ();
+    /// The connection's random state, for `--work-us`.
+    type State = u64;
 
-    fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
-        // A peer that sends without reading fills its queue; dropping one
-        // message would corrupt the echo, so close it instead.
-        if let Err(e) = conn.send(msg) {
+    fn on_open(&self, conn: &mut Conn<'_, u64>) -> wharf::Accept {
+        let mut h = DefaultHasher::new();
+        conn.id().hash(&mut h);
+        *conn.state() = h.finish() | 1;
+        wharf::Accept::Yes
+    }
+
+    fn on_message(&self, conn: &mut Conn<'_, u64>, msg: &[u8]) {
+        let Some((lo, hi)) = self.work_us else {
+            return echo(conn, msg);
+        };
+        let rng = conn.state();
+        // xorshift64: a cheap spread of job lengths, per connection.
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let spin = Duration::from_micros(lo + *rng % (hi - lo + 1));
+        let msg = Bytes::copy_from_slice(msg);
+        let submitted = conn.submit(move || {
+            let end = Instant::now() + spin;
+            while Instant::now() < end {
+                std::hint::spin_loop();
+            }
+            move |conn: &mut Conn<'_, u64>| echo(conn, &msg)
+        });
+        if let Err(e) = submitted {
+            // Answering inline would overtake the replies still with the
+            // pool, and dropping the message would corrupt the echo.
             tracing::warn!("closing {}: {e}", conn.id());
             conn.close();
         }
+    }
+}
+
+fn echo(conn: &mut Conn<'_, u64>, msg: &[u8]) {
+    // A peer that sends without reading fills its queue; dropping one
+    // message would corrupt the echo, so close it instead.
+    if let Err(e) = conn.send(msg) {
+        tracing::warn!("closing {}: {e}", conn.id());
+        conn.close();
     }
 }
 
@@ -45,10 +107,13 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
         }
     };
     let stop = Stop::install(args.serve.duration)?;
-    let server = args
-        .serve
-        .bind(Server::builder().framing(framing))?
-        .start(Echo)?;
+    let mut builder = Server::builder().framing(framing);
+    if let Some(n) = args.workers {
+        builder = builder.workers(n.into());
+    }
+    let server = args.serve.bind(builder)?.start(Echo {
+        work_us: args.work_us,
+    })?;
     serve::announce("echo", &server);
 
     let handle = server.handle();

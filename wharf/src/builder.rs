@@ -13,6 +13,7 @@ use crate::handle::{Handle, LoopShared, Shared};
 use crate::handler::Handler;
 use crate::id::{next_server_tag, MAX_LOOPS, MAX_SLOTS};
 use crate::limits::{ConnCounter, Limits};
+use crate::pool::Pool;
 use crate::server::Server;
 use crate::sys::{self, DriverConfig, Listener, Share};
 
@@ -31,6 +32,8 @@ pub struct Builder {
     socket_options: sys::SocketOptions,
     limits: Limits,
     backend: Backend,
+    workers: usize,
+    job_queue: usize,
 }
 
 impl Default for Builder {
@@ -59,8 +62,11 @@ impl Default for Builder {
                 max_connections: 100_000,
                 max_connections_per_ip: None,
                 ipv6_prefix: 64,
+                jobs_per_connection: 32,
             },
             backend: Backend::Auto,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
+            job_queue: 4096,
         }
     }
 }
@@ -224,6 +230,33 @@ impl Builder {
         self
     }
 
+    /// Threads of the worker pool that runs the jobs handlers submit with
+    /// [`Conn::submit`](crate::Conn::submit) (default: one per CPU, at most
+    /// 16). Jobs are CPU work taken off the loops: more threads than cores
+    /// only add switching, fewer leave a core idle while the loops wait.
+    /// The threads start on the first submit, so a server that never
+    /// submits has none.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.clamp(1, 1024);
+        self
+    }
+
+    /// Most jobs waiting for a worker, across the server (default 4,096);
+    /// a submit beyond it fails with
+    /// [`SubmitError::Saturated`](crate::SubmitError::Saturated).
+    pub fn job_queue(mut self, n: usize) -> Self {
+        self.job_queue = n.max(1);
+        self
+    }
+
+    /// Jobs of one connection in flight at which its reading pauses until
+    /// results come back (default 32): a peer that pipelines requests to a
+    /// slow job holds at most this many jobs, not the whole queue.
+    pub fn jobs_per_connection(mut self, n: usize) -> Self {
+        self.limits.jobs_per_connection = n.clamp(1, 1 << 20) as u32;
+        self
+    }
+
     /// The completion engine (default: [`Backend::Auto`]). The environment
     /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
@@ -326,6 +359,7 @@ impl Builder {
             stopped: AtomicBool::new(false),
             conns: ConnCounter::default(),
             limits: self.limits,
+            pool: Pool::new(self.workers, self.job_queue),
         });
         Handle { shared }
     }

@@ -8,6 +8,7 @@ use crate::codec::{FrameError, FrameReader};
 use crate::error::{CloseReason, SendError};
 use crate::handle::Handle;
 use crate::id::ConnId;
+use crate::pool::{Output, SubmitError};
 use crate::sendq::OutQueue;
 
 /// The part of a connection's slot that sending and closing touch; the loop
@@ -23,7 +24,32 @@ pub(crate) struct ConnCtl {
     pub(crate) close_request: Option<CloseReason>,
     /// Already on the loop's list of slots to look at after this turn.
     pub(crate) touched: bool,
+    /// Jobs on the worker pool, applied in the order they were submitted.
+    pub(crate) jobs: Jobs,
 }
+
+/// A connection's jobs on the worker pool. Results are applied in
+/// submission order: one that finishes before an earlier job waits in
+/// `early` (a connection has at most `Builder::jobs_per_connection` in
+/// flight from its messages, so `early` stays short).
+#[derive(Default)]
+pub(crate) struct Jobs {
+    /// The sequence number the next job gets.
+    pub(crate) next: u32,
+    /// The sequence number of the next result to apply.
+    pub(crate) applied: u32,
+    pub(crate) early: Vec<(u32, Output)>,
+}
+
+impl Jobs {
+    /// Jobs submitted whose results have not been applied.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.next.wrapping_sub(self.applied)
+    }
+}
+
+/// What a job's result does on the connection's loop.
+pub(crate) type Apply<S> = Box<dyn FnOnce(&mut Conn<'_, S>) + Send>;
 
 impl ConnCtl {
     pub(crate) fn new(writer: FrameReader) -> ConnCtl {
@@ -34,6 +60,7 @@ impl ConnCtl {
             open: true,
             close_request: None,
             touched: false,
+            jobs: Jobs::default(),
         }
     }
 
@@ -133,6 +160,64 @@ impl<S> Conn<'_, S> {
         *self.messages_out += 1;
         self.touch();
         Ok(())
+    }
+
+    /// Runs `job` on the server's worker pool, off this loop; the function
+    /// it returns is then called on this connection's loop with the
+    /// connection at hand (to send a reply, update the state), in the
+    /// order the jobs were submitted, even when a later job finishes
+    /// first. A result that comes back after the connection closed is
+    /// dropped, never applied to another connection.
+    ///
+    /// ```no_run
+    /// # use wharf::{Conn, Handler};
+    /// struct Hash;
+    /// impl Handler for Hash {
+    ///     type State = ();
+    ///     fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
+    ///         let msg = msg.to_vec(); // the job owns its input
+    ///         let _ = conn.submit(move || {
+    ///             let digest = expensive(&msg);
+    ///             move |conn: &mut Conn<'_, ()>| {
+    ///                 let _ = conn.send(&digest);
+    ///             }
+    ///         });
+    ///     }
+    /// }
+    /// # fn expensive(m: &[u8]) -> Vec<u8> { m.to_vec() }
+    /// ```
+    ///
+    /// While `Builder::jobs_per_connection` jobs of this connection are in
+    /// flight, its reading pauses (what arrives is held, as under the
+    /// send queue's back-pressure). A job (or its result) that panics is
+    /// contained like a panicking callback: the connection closes with
+    /// `CloseReason::HandlerPanic`. Fails with [`SubmitError::Saturated`]
+    /// when the pool's queue is full, and with `Closed` once the
+    /// connection is closing.
+    pub fn submit<F, R>(&mut self, job: F) -> Result<(), SubmitError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: FnOnce(&mut Conn<'_, S>) + Send + 'static,
+        S: 'static,
+    {
+        if !self.ctl.open || self.ctl.close_request.is_some() {
+            return Err(SubmitError::Closed);
+        }
+        let seq = self.ctl.jobs.next;
+        let run = Box::new(move || -> Box<dyn std::any::Any + Send> {
+            let apply: Apply<S> = Box::new(job());
+            Box::new(apply)
+        });
+        let shared = &self.handle.shared;
+        shared.pool.submit(shared, self.id, seq, run)?;
+        self.ctl.jobs.next = seq.wrapping_add(1);
+        self.touch();
+        Ok(())
+    }
+
+    /// Jobs of this connection submitted and not yet applied.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.ctl.jobs.in_flight() as usize
     }
 
     /// Bytes queued for this connection and not yet written to the socket.

@@ -15,6 +15,7 @@ use crate::error::SendError;
 use crate::id::{ConnId, LiveTable};
 use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
+use crate::pool::Pool;
 
 /// Reaches a server's connections from any thread. Cheap to clone.
 #[derive(Clone)]
@@ -161,8 +162,12 @@ impl Handle {
             s.broadcast_skipped += t.broadcast_skipped.load(Ordering::Relaxed);
             s.accept_pauses += t.accept_pauses.load(Ordering::Relaxed);
             s.handler_panics += t.handler_panics.load(Ordering::Relaxed);
+            s.jobs_done += t.jobs_done.load(Ordering::Relaxed);
+            s.jobs_discarded += t.jobs_discarded.load(Ordering::Relaxed);
             s.failed_loops += u64::from(l.failed.load(Ordering::Acquire));
         }
+        s.jobs_queued = self.shared.pool.queued() as u64;
+        s.jobs_refused = self.shared.pool.refused();
         s
     }
 
@@ -224,6 +229,14 @@ pub struct Stats {
     /// their connections with
     /// [`CloseReason::LoopFailed`](crate::CloseReason::LoopFailed).
     pub failed_loops: u64,
+    /// Job results applied to their connections.
+    pub jobs_done: u64,
+    /// Job results dropped because their connection had closed.
+    pub jobs_discarded: u64,
+    /// Jobs waiting for a worker now.
+    pub jobs_queued: u64,
+    /// Submits refused because the pool's queue was full.
+    pub jobs_refused: u64,
 }
 
 /// What every thread may see of one loop.
@@ -330,6 +343,8 @@ pub(crate) struct LoopStats {
     pub(crate) broadcast_skipped: AtomicU64,
     pub(crate) accept_pauses: AtomicU64,
     pub(crate) handler_panics: AtomicU64,
+    pub(crate) jobs_done: AtomicU64,
+    pub(crate) jobs_discarded: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -341,6 +356,7 @@ pub(crate) struct Shared {
     pub(crate) stopped: AtomicBool,
     pub(crate) conns: ConnCounter,
     pub(crate) limits: Limits,
+    pub(crate) pool: Pool,
 }
 
 impl Shared {

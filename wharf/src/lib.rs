@@ -38,6 +38,7 @@ mod handler;
 mod id;
 mod limits;
 mod mailbox;
+mod pool;
 #[cfg(all(unix, any(test, fuzzing)))]
 mod scripted;
 mod sendq;
@@ -54,6 +55,7 @@ pub use error::{CloseReason, SendError, ShutdownError};
 pub use handle::{Handle, Stats};
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
+pub use pool::SubmitError;
 pub use server::Server;
 
 /// Thin public wrappers over crate-private items, for the cargo-fuzz targets

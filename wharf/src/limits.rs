@@ -21,6 +21,8 @@ pub(crate) struct Limits {
     /// Leading bits of an IPv6 address counted as one client by the
     /// per-IP cap.
     pub(crate) ipv6_prefix: u8,
+    /// Jobs of one connection in flight at which its reading pauses.
+    pub(crate) jobs_per_connection: u32,
 }
 
 /// The address the per-IP cap counts `ip` under: an IPv4 address (or an

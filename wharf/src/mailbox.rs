@@ -28,6 +28,7 @@ use std::sync::{
 };
 
 use crate::id::ConnId;
+use crate::pool::Done;
 use crate::sys::Socket;
 
 /// Something another thread asks a loop to do.
@@ -45,6 +46,8 @@ pub(crate) enum Command {
     Adopt(Socket, Option<SocketAddr>),
     /// Stop accepting, flush and close everything, exit by the deadline.
     Shutdown(Instant),
+    /// A worker finished a job of a connection of this loop.
+    JobDone(Done),
 }
 
 /// What wakes the loop; the real one is the driver's (`sys::Waker`).

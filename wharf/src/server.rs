@@ -63,7 +63,9 @@ impl Server {
     /// Stops accepting, lets every connection flush what is queued (until
     /// `deadline` has passed), closes them (each gets `on_close` with
     /// [`CloseReason::Shutdown`](crate::CloseReason::Shutdown)) and joins the
-    /// loop threads. No callback runs after this returns.
+    /// loop threads. A connection with jobs on the worker pool waits for
+    /// their results (until the deadline) before it closes. No callback
+    /// runs after this returns.
     pub fn shutdown(mut self, deadline: Duration) -> Result<(), ShutdownError> {
         self.stop(deadline)
     }
@@ -79,6 +81,9 @@ impl Server {
             panicked |= join.join().is_err();
         }
         self.handle.shared.stopped.store(true, Ordering::Release);
+        // Every connection is closed: what is queued for the workers is
+        // dropped; running jobs get what is left of the deadline.
+        self.handle.shared.pool.stop(until);
         if panicked {
             Err(ShutdownError::Panicked)
         } else {

@@ -27,6 +27,7 @@ impl<H: Handler> Core<H> {
         self.counters.closed += 1;
         self.counters.open -= 1;
         self.conns[key as usize].ctl.open = false;
+        self.drop_job_results(key);
         let id = self.id_of(key);
         let handler = self.handler.clone();
         if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_close(conn, reason))) {
@@ -196,12 +197,15 @@ impl<H: Handler> Core<H> {
         match &slot.phase {
             Phase::Connecting => None,
             Phase::Open(open) => [
-                // Idle time does not run while wharf itself paused reading:
-                // a peer that is sending is not idle (the write-stall
-                // timeout covers a peer that stopped reading).
+                // Idle time does not run while wharf itself paused reading
+                // or the connection waits for its jobs: a peer that is
+                // sending is not idle (the write-stall timeout covers a
+                // peer that stopped reading).
                 l.idle_timeout
-                    .filter(|_| !open.congested)
+                    .filter(|_| !open.congested && slot.ctl.jobs.in_flight() == 0)
                     .map(|d| slot.last_recv_tick + ticks(d)),
+                // Left open at shutdown for its jobs' results.
+                self.shutdown.map(at),
                 l.first_message_timeout
                     .filter(|_| !open.got_message)
                     .map(|d| slot.opened_tick + ticks(d)),
@@ -255,6 +259,10 @@ impl<H: Handler> Core<H> {
         let l = self.limits;
         let slot = &self.conns[key as usize];
         match &slot.phase {
+            Phase::Open(_) if self.shutdown.is_some_and(|d| self.wheel.tick_of(d) <= now) => {
+                // The shutdown's deadline passed before its jobs came back.
+                self.close(key, CloseReason::Shutdown, true);
+            }
             Phase::Open(open) => {
                 self.counters.timed_out += 1;
                 let stalled = l

@@ -155,8 +155,10 @@ impl<H: Handler> Core<H> {
             return Flow::Continue;
         }
         slot.last_recv_tick = self.stamp_tick;
-        if open.congested || !open.held.is_empty() || slot.ctl.unsent > high {
-            // Back-pressure: keep what arrives until the queue drains. The
+        let jobs_full = slot.ctl.jobs.in_flight() >= self.limits.jobs_per_connection;
+        if open.congested || !open.held.is_empty() || slot.ctl.unsent > high || jobs_full {
+            // Back-pressure: keep what arrives until the queue drains (or
+            // the connection's jobs come back). The
             // receive is being paused: poll and IOCP read nothing more this
             // turn; io_uring may still report what its receive had queued.
             open.held.extend_from_slice(data);
@@ -170,11 +172,12 @@ impl<H: Handler> Core<H> {
     }
 
     /// Cuts `data` into messages for `on_message`, stopping (and holding
-    /// the rest) when the handler closes the connection, fills its queue or
-    /// panics.
+    /// the rest) when the handler closes the connection, fills its queue,
+    /// has as many jobs in flight as a connection may, or panics.
     pub(super) fn deliver(&mut self, key: u32, data: &[u8]) {
         let id = self.id_of(key);
         let high = self.limits.high_water;
+        let jobs_limit = self.limits.jobs_per_connection;
         let slot = &mut self.conns[key as usize];
         let Phase::Open(open) = &mut slot.phase else {
             return;
@@ -202,7 +205,10 @@ impl<H: Handler> Core<H> {
                 conn.ctl.close_request = Some(CloseReason::HandlerPanic);
                 return ControlFlow::Break(());
             }
-            if conn.ctl.close_request.is_some() || conn.ctl.unsent > high {
+            if conn.ctl.close_request.is_some()
+                || conn.ctl.unsent > high
+                || conn.ctl.jobs.in_flight() >= jobs_limit
+            {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
@@ -391,10 +397,12 @@ impl<H: Handler> Core<H> {
         let Phase::Open(open) = &mut slot.phase else {
             return;
         };
-        if !open.congested && !open.held.is_empty() {
-            // The queue drained: deliver what arrived meanwhile. Crossing
-            // the mark again holds the rest; this slot is touched, so the
-            // next round pauses it.
+        let jobs = slot.ctl.jobs.in_flight();
+        let jobs_full = jobs >= self.limits.jobs_per_connection;
+        if !open.congested && !jobs_full && !open.held.is_empty() {
+            // The queue drained (and jobs came back): deliver what arrived
+            // meanwhile. Crossing the mark again holds the rest; this slot
+            // is touched, so the next round pauses it.
             let held = std::mem::take(&mut open.held);
             self.deliver(key, &held);
             let slot = &mut self.conns[key as usize];
@@ -409,20 +417,29 @@ impl<H: Handler> Core<H> {
         let Phase::Open(open) = &mut slot.phase else {
             return;
         };
-        if open.eof && open.held.is_empty() {
-            // Every request the peer sent has been delivered: close, and
-            // flush the replies.
+        let jobs = slot.ctl.jobs.in_flight();
+        let jobs_full = jobs >= self.limits.jobs_per_connection;
+        if open.eof && open.held.is_empty() && jobs == 0 {
+            // Every request the peer sent has been delivered and its jobs
+            // answered: close, and flush the replies.
             return self.close(key, CloseReason::PeerClosed, true);
         }
-        let (congested, eof) = (open.congested, open.eof);
+        if self.shutdown.is_some() && jobs == 0 {
+            // Left open at shutdown until its jobs came back: they have.
+            return self.close(key, CloseReason::Shutdown, true);
+        }
+        // Reading pauses over the send queue's mark, while the connection
+        // has as many jobs in flight as it may, and during a shutdown.
+        let paused = open.congested || jobs_full || self.shutdown.is_some();
+        let eof = open.eof;
         self.start_send(driver, key);
         let slot = &mut self.conns[key as usize];
         match slot.io.recv {
-            Recv::Armed if congested => {
+            Recv::Armed if paused => {
                 slot.io.recv = Recv::Cancelling;
                 driver.cancel_recv(key, &slot.socket);
             }
-            Recv::Idle if !congested && !eof => {
+            Recv::Idle if !paused && !eof => {
                 slot.io.recv = Recv::Armed;
                 driver.recv(key, &slot.socket);
             }

@@ -19,7 +19,8 @@ pub(super) fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(&*payload))
 }
 
-fn message(payload: &(dyn Any + Send)) -> String {
+/// The message of a panic's payload.
+pub(crate) fn message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -16,7 +16,10 @@
 mod closing;
 mod conn_life;
 mod guard;
+mod jobs;
 mod slot;
+
+pub(crate) use guard::message as panic_message;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -73,6 +76,8 @@ struct Counters {
     broadcast_skipped: u64,
     accept_pauses: u64,
     handler_panics: u64,
+    jobs_done: u64,
+    jobs_discarded: u64,
 }
 
 pub(crate) struct EventLoop<H: Handler> {
@@ -328,6 +333,7 @@ impl<H: Handler> Core<H> {
             Command::Connect(addr) => self.connect(driver, addr),
             Command::Adopt(socket, peer) => self.adopt(socket, peer),
             Command::Shutdown(until) => self.begin_shutdown(driver, until),
+            Command::JobDone(done) => self.job_done(done),
         }
     }
 
@@ -386,6 +392,12 @@ impl<H: Handler> Core<H> {
         for key in keys {
             let slot = &mut self.conns[key as usize];
             match &mut slot.phase {
+                // Its jobs' results are waited for (until the deadline):
+                // `advance_open` closes it once they are applied.
+                Phase::Open(_) if slot.ctl.jobs.in_flight() > 0 => {
+                    self.arm_timer(key);
+                    self.touch(key);
+                }
                 Phase::Open(_) => self.close(key, CloseReason::Shutdown, true),
                 Phase::Connecting => driver.cancel(key, &slot.socket),
                 Phase::Closing(Closing::Flushing { deadline, .. }) => {
@@ -477,6 +489,8 @@ impl<H: Handler> Core<H> {
             .store(c.broadcast_skipped, Ordering::Relaxed);
         s.accept_pauses.store(c.accept_pauses, Ordering::Relaxed);
         s.handler_panics.store(c.handler_panics, Ordering::Relaxed);
+        s.jobs_done.store(c.jobs_done, Ordering::Relaxed);
+        s.jobs_discarded.store(c.jobs_discarded, Ordering::Relaxed);
     }
 
     fn finished(&self, driver: &Driver) -> bool {
@@ -531,6 +545,7 @@ impl<H: Handler> Core<H> {
                 }
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
                 Command::Adopt(..) => self.counters.refused += 1,
+                Command::JobDone(_) => self.counters.jobs_discarded += 1,
                 Command::Broadcast(_) | Command::Disconnect(_) | Command::Shutdown(_) => {}
             }
         }
