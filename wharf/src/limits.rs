@@ -103,6 +103,7 @@ mod tests {
             max_connections: max,
             max_connections_per_ip: per_ip,
             ipv6_prefix: 64,
+            jobs_per_connection: 1,
         }
     }
 
