@@ -110,8 +110,29 @@ impl<C, W: Wake> Mailbox<C, W> {
             }
             queue.commands.push(command);
         }
-        // Swap after the push: if the flag was already set, the loop has not
-        // emptied the queue since, and will see this command too.
+        self.announce();
+        Ok(())
+    }
+
+    /// Queues every command of `commands` (emptying it) with one lock and
+    /// at most one wake-up; drops them if the loop has ended.
+    pub(crate) fn post_all(&self, commands: &mut Vec<C>) {
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.closed {
+                commands.clear();
+                return;
+            }
+            queue.commands.append(commands);
+        }
+        self.announce();
+    }
+
+    /// After a push: wakes the loop unless a post since it last looked
+    /// already did. The swap comes after the push: if the flag was already
+    /// set, the loop has not emptied the queue since, and will see what
+    /// was pushed too.
+    fn announce(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
             fence(Ordering::SeqCst);
             if self.has_waker.load(Ordering::Acquire) {
@@ -120,7 +141,6 @@ impl<C, W: Wake> Mailbox<C, W> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Whether commands may be waiting.

@@ -16,7 +16,7 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,12 +69,17 @@ pub(crate) struct Pool {
     /// Signalled when a running job ends.
     idle: Condvar,
     refused: AtomicU64,
+    /// Jobs were queued while workers waited, and they were not woken yet.
+    unwoken: AtomicBool,
 }
 
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
     running: usize,
+    /// Workers waiting for a job: a submit wakes one only if there is one
+    /// (a busy worker takes the next job without a wake-up).
+    waiting: usize,
     started: bool,
     stopping: bool,
     threads: Vec<JoinHandle<()>>,
@@ -89,6 +94,7 @@ impl Pool {
             work: Condvar::new(),
             idle: Condvar::new(),
             refused: AtomicU64::new(0),
+            unwoken: AtomicBool::new(false),
         }
     }
 
@@ -132,9 +138,27 @@ impl Pool {
             }
         }
         state.queue.push_back(Job { run, id, seq });
-        drop(state);
-        self.work.notify_one();
+        if state.waiting > 0 {
+            // Woken at the end of the loop's turn (`wake_workers`), once
+            // for the turn's jobs: waking one now would, on a busy CPU,
+            // switch to it for every job.
+            self.unwoken.store(true, Ordering::Release);
+        }
         Ok(())
+    }
+
+    /// Once per loop turn: wakes the idle workers that jobs submitted
+    /// during the turn need. One atomic load when there are none.
+    pub(crate) fn wake_workers(&self) {
+        if !self.unwoken.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let state = self.lock();
+        let n = state.waiting.min(state.queue.len());
+        drop(state);
+        for _ in 0..n {
+            self.work.notify_one();
+        }
     }
 
     /// Submits refused so far because the queue was full.
@@ -189,28 +213,67 @@ fn join_by(join: JoinHandle<()>, until: Instant) -> bool {
     true
 }
 
-/// A worker: runs jobs until the pool stops, posting each result to its
-/// connection's loop (a loop that has ended drops it).
+/// Results a worker keeps before posting them: on a busy machine, posting
+/// each at once would wake (and switch to) a loop per job.
+const BATCH: usize = 64;
+/// How long a finished result may wait for others to join it.
+const BATCH_WAIT: Duration = Duration::from_micros(100);
+
+/// A worker: runs jobs until the pool stops, posting results to their
+/// connections' loops (a loop that has ended drops them). Results are
+/// posted in batches while more jobs wait, for at most `BATCH_WAIT`; the
+/// last job in the queue posts at once.
 fn work(shared: &Shared) {
     let pool = &shared.pool;
+    let mut batch: Vec<Vec<Command>> = (0..shared.loops.len()).map(|_| Vec::new()).collect();
+    let mut held = 0usize;
+    let mut since = Instant::now();
     let mut state = pool.lock();
     loop {
         let Some(job) = state.queue.pop_front() else {
+            if held > 0 {
+                drop(state);
+                post(shared, &mut batch);
+                held = 0;
+                state = pool.lock();
+                continue;
+            }
             if state.stopping {
                 return;
             }
+            state.waiting += 1;
             state = pool.work.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.waiting -= 1;
             continue;
         };
         state.running += 1;
         drop(state);
         let Job { run, id, seq } = job;
         let output = catch_unwind(AssertUnwindSafe(run)).map_err(|p| panic_message(&*p));
-        if let Some(l) = shared.loops.get(id.loop_index()) {
-            let _ = l.mailbox.post(Command::JobDone(Done { id, seq, output }));
+        if let Some(b) = batch.get_mut(id.loop_index()) {
+            if held == 0 {
+                since = Instant::now();
+            }
+            b.push(Command::JobDone(Done { id, seq, output }));
+            held += 1;
+        }
+        if held >= BATCH || since.elapsed() >= BATCH_WAIT {
+            post(shared, &mut batch);
+            held = 0;
         }
         state = pool.lock();
         state.running -= 1;
-        pool.idle.notify_all();
+        if state.stopping {
+            // Only `stop` waits on this (a notify is a system call).
+            pool.idle.notify_all();
+        }
+    }
+}
+
+fn post(shared: &Shared, batch: &mut [Vec<Command>]) {
+    for (l, commands) in shared.loops.iter().zip(batch) {
+        if !commands.is_empty() {
+            l.mailbox.post_all(commands);
+        }
     }
 }

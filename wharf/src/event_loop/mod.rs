@@ -450,6 +450,7 @@ impl<H: Handler> Core<H> {
             }
         }
         self.shared().drained.notify_if_waited();
+        self.handle.shared.pool.wake_workers();
     }
 
     fn next_timeout(&self) -> Option<Duration> {
