@@ -34,6 +34,7 @@ pub struct Builder {
     backend: Backend,
     workers: usize,
     job_queue: usize,
+    tick: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -67,6 +68,7 @@ impl Default for Builder {
             backend: Backend::Auto,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
             job_queue: 4096,
+            tick: None,
         }
     }
 }
@@ -257,6 +259,14 @@ impl Builder {
         self
     }
 
+    /// Runs `Handler::on_tick` on every loop every `every` (default: never),
+    /// with that loop's connections at hand through
+    /// [`Tick`](crate::Tick). A loop with no tick and no timer due sleeps.
+    pub fn tick(mut self, every: Duration) -> Self {
+        self.tick = Some(every.max(Duration::from_millis(1)));
+        self
+    }
+
     /// The completion engine (default: [`Backend::Auto`]). The environment
     /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
@@ -309,6 +319,7 @@ impl Builder {
                 socket_options: self.socket_options,
                 limits: self.limits,
                 spread_accepts,
+                tick: self.tick,
             };
             let handler = handler.clone();
             let handle = handle.clone();
@@ -393,6 +404,7 @@ impl Builder {
             socket_options: self.socket_options,
             limits: self.limits,
             spread_accepts: ended_siblings > 0,
+            tick: self.tick,
         };
         let listener = sys::fake::placeholder();
         let event_loop = EventLoop::with_driver(

@@ -1,6 +1,8 @@
 //! `Conn`: what a callback sees of its connection.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -26,6 +28,8 @@ pub(crate) struct ConnCtl {
     pub(crate) touched: bool,
     /// Jobs on the worker pool, applied in the order they were submitted.
     pub(crate) jobs: Jobs,
+    /// The handler's timers of this connection.
+    pub(crate) timers: Timers,
 }
 
 /// A connection's jobs on the worker pool. Results are applied in
@@ -51,6 +55,86 @@ impl Jobs {
 /// What a job's result does on the connection's loop.
 pub(crate) type Apply<S> = Box<dyn FnOnce(&mut Conn<'_, S>) + Send>;
 
+/// A connection's own timers (`Conn::set_timer`), by token. The loop's
+/// wheel holds one entry per connection for all of its deadlines, these
+/// included, so arming and cancelling are a map insert or remove; the
+/// earliest due time is kept as a hint that is never later than the real
+/// one (cancelling or moving a timer later leaves it early), and is made
+/// exact when it comes due, as the wheel's own entries are. A connection
+/// without timers holds one empty pointer for them.
+#[derive(Default)]
+pub(crate) struct Timers(Option<Box<TimerMap>>);
+
+struct TimerMap {
+    due: HashMap<u64, Instant>,
+    /// At or before the earliest timer in `due`.
+    earliest: Instant,
+}
+
+impl Timers {
+    fn set(&mut self, token: u64, due: Instant) {
+        match &mut self.0 {
+            Some(map) => {
+                map.due.insert(token, due);
+                map.earliest = map.earliest.min(due);
+            }
+            None => {
+                self.0 = Some(Box::new(TimerMap {
+                    due: HashMap::from([(token, due)]),
+                    earliest: due,
+                }))
+            }
+        }
+    }
+
+    fn cancel(&mut self, token: u64) -> bool {
+        let Some(map) = &mut self.0 else {
+            return false;
+        };
+        let was = map.due.remove(&token).is_some();
+        if map.due.is_empty() {
+            self.0 = None;
+        }
+        was
+    }
+
+    /// When to look at the timers next: at or before the first one due.
+    pub(crate) fn earliest(&self) -> Option<Instant> {
+        self.0.as_ref().map(|m| m.earliest)
+    }
+
+    /// Removes the timers due by `now` into `into`, earliest first.
+    pub(crate) fn take_due(&mut self, now: Instant, into: &mut Vec<(Instant, u64)>) {
+        let Some(map) = &mut self.0 else {
+            return;
+        };
+        if map.earliest > now {
+            return;
+        }
+        let start = into.len();
+        let mut earliest = None::<Instant>;
+        map.due.retain(|&token, &mut due| {
+            if due <= now {
+                into.push((due, token));
+                false
+            } else {
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+                true
+            }
+        });
+        into[start..].sort_unstable();
+        match earliest {
+            Some(e) => map.earliest = e,
+            None => self.0 = None,
+        }
+    }
+
+    /// Drops every timer (the connection is closing).
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 impl ConnCtl {
     pub(crate) fn new(writer: FrameReader) -> ConnCtl {
         ConnCtl {
@@ -61,6 +145,7 @@ impl ConnCtl {
             close_request: None,
             touched: false,
             jobs: Jobs::default(),
+            timers: Timers::default(),
         }
     }
 
@@ -121,6 +206,8 @@ pub struct Conn<'a, S> {
     pub(crate) touched: &'a mut Vec<u32>,
     pub(crate) messages_out: &'a mut u64,
     pub(crate) handle: &'a Handle,
+    /// The loop's time for this turn.
+    pub(crate) now: Instant,
 }
 
 impl<S> Conn<'_, S> {
@@ -213,6 +300,29 @@ impl<S> Conn<'_, S> {
         self.ctl.jobs.next = seq.wrapping_add(1);
         self.touch();
         Ok(())
+    }
+
+    /// Arms timer `token` of this connection to fire `after` from now
+    /// (re-arming it if it was armed): `Handler::on_timer` runs on this
+    /// loop with `token`, never before the time and within one tick of
+    /// the loop's timer wheel (50 ms) after it. Timers die with their
+    /// connection: none fires once `on_close` has run. Ignored once the
+    /// connection is closing.
+    pub fn set_timer(&mut self, token: u64, after: Duration) {
+        if !self.ctl.open {
+            return;
+        }
+        let due = self
+            .now
+            .checked_add(after)
+            .unwrap_or(self.now + Duration::from_secs(1 << 32));
+        self.ctl.timers.set(token, due);
+        self.touch();
+    }
+
+    /// Cancels timer `token`; whether it was armed.
+    pub fn cancel_timer(&mut self, token: u64) -> bool {
+        self.ctl.timers.cancel(token)
     }
 
     /// Jobs of this connection submitted and not yet applied.

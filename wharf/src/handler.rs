@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use crate::conn::Conn;
 use crate::error::CloseReason;
+use crate::event_loop::Tick;
 
 /// Whether to keep a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,22 @@ pub trait Handler: Send + Sync + 'static {
     /// the low-water mark: sending works again.
     fn on_drain(&self, conn: &mut Conn<'_, Self::State>) {
         let _ = conn;
+    }
+
+    /// Timer `token` of this connection, armed with
+    /// [`Conn::set_timer`](crate::Conn::set_timer), is due. It is disarmed
+    /// now: arm it again here for a periodic one.
+    fn on_timer(&self, conn: &mut Conn<'_, Self::State>, token: u64) {
+        let _ = (conn, token);
+    }
+
+    /// The loop's periodic tick (`Builder::tick`), with every connection
+    /// of this loop at hand through [`Tick`].
+    fn on_tick(&self, tick: &mut Tick<'_, Self>)
+    where
+        Self: Sized,
+    {
+        let _ = tick;
     }
 
     /// The connection closed; called once for every connection `on_open`

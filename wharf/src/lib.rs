@@ -52,6 +52,7 @@ pub use bytes::Bytes;
 pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed};
 pub use conn::Conn;
 pub use error::{CloseReason, SendError, ShutdownError};
+pub use event_loop::Tick;
 pub use handle::{Handle, Stats};
 pub use handler::{Accept, Handler};
 pub use id::ConnId;

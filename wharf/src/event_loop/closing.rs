@@ -28,6 +28,7 @@ impl<H: Handler> Core<H> {
         self.counters.open -= 1;
         self.conns[key as usize].ctl.open = false;
         self.drop_job_results(key);
+        self.conns[key as usize].ctl.timers.clear();
         let id = self.id_of(key);
         let handler = self.handler.clone();
         if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_close(conn, reason))) {
@@ -206,6 +207,7 @@ impl<H: Handler> Core<H> {
                     .map(|d| slot.last_recv_tick + ticks(d)),
                 // Left open at shutdown for its jobs' results.
                 self.shutdown.map(at),
+                slot.ctl.timers.earliest().map(at),
                 l.first_message_timeout
                     .filter(|_| !open.got_message)
                     .map(|d| slot.opened_tick + ticks(d)),
@@ -245,12 +247,41 @@ impl<H: Handler> Core<H> {
         }
         slot.timer = None;
         let key = entry.slot;
-        let slot = &self.conns[key as usize];
+        self.fire_user_timers(key);
+        let Some(slot) = self.conns.get(key as usize) else {
+            return;
+        };
         match self.due_tick(slot) {
             Some(due) if due <= self.now_tick => self.expire(key),
             Some(_) => self.arm_timer(key),
             None => {}
         }
+    }
+
+    /// Runs `on_timer` for each of the handler's timers of `key` that is
+    /// due, earliest first; a panic closes the connection and the rest
+    /// are dropped with it.
+    fn fire_user_timers(&mut self, key: u32) {
+        let slot = &mut self.conns[key as usize];
+        if !matches!(slot.phase, Phase::Open(_)) || slot.ctl.close_request.is_some() {
+            return;
+        }
+        let mut due = std::mem::take(&mut self.due_timers);
+        slot.ctl.timers.take_due(self.now, &mut due);
+        let id = self.id_of(key);
+        let handler = self.handler.clone();
+        for (_, token) in due.drain(..) {
+            if self.conns[key as usize].ctl.close_request.is_some() {
+                break; // closed by an earlier one: none fires after on_close
+            }
+            if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_timer(conn, token)))
+            {
+                self.panicked("on_timer", &id, &why);
+                self.conns[key as usize].ctl.close_request = Some(CloseReason::HandlerPanic);
+            }
+        }
+        self.due_timers = due;
+        self.touch(key);
     }
 
     /// A deadline of this connection passed.

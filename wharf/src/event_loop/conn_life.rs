@@ -136,6 +136,7 @@ impl<H: Handler> Core<H> {
             touched: &mut self.touched,
             messages_out: &mut self.counters.messages_out,
             handle: &self.handle,
+            now: self.now,
         };
         f(&mut conn)
     }
@@ -197,6 +198,7 @@ impl<H: Handler> Core<H> {
             touched: &mut self.touched,
             messages_out: &mut self.counters.messages_out,
             handle: &self.handle,
+            now: self.now,
         };
         let on_frame = |msg: &[u8]| {
             *messages += 1;

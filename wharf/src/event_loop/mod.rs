@@ -18,8 +18,10 @@ mod conn_life;
 mod guard;
 mod jobs;
 mod slot;
+mod tick;
 
 pub(crate) use guard::message as panic_message;
+pub use tick::Tick;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub(crate) struct LoopConfig {
     /// The loops share listening sockets whose accepts the kernel does not
     /// spread: hand accepted connections round-robin to every loop.
     pub(crate) spread_accepts: bool,
+    /// The period of `Handler::on_tick`, if any.
+    pub(crate) tick: Option<Duration>,
 }
 
 /// How long accepting pauses after an error such as EMFILE.
@@ -109,6 +113,10 @@ struct Core<H: Handler> {
     touched: Vec<u32>,
     wheel: Wheel,
     due: Vec<Entry>,
+    /// Handler timers of one connection firing now (reused).
+    due_timers: Vec<(Instant, u64)>,
+    /// The periodic tick (`Builder::tick`), and when it is next due.
+    tick: Option<(Duration, Instant)>,
     /// This turn's time, and the wheel tick it falls in (for "is it due")
     /// and the one at or after it (for stamping activity, so that a
     /// timeout never fires early).
@@ -183,6 +191,8 @@ impl<H: Handler> EventLoop<H> {
                 touched: Vec::new(),
                 wheel: Wheel::new(now),
                 due: Vec::new(),
+                due_timers: Vec::new(),
+                tick: config.tick.map(|every| (every, now + every)),
                 now,
                 now_tick: 0,
                 stamp_tick: 0,
@@ -431,6 +441,7 @@ impl<H: Handler> Core<H> {
             self.timer_fired(entry);
         }
         self.due = due;
+        self.run_tick();
         // Moving a slot forward can touch it (or another) again, as when a
         // close it carries out starts the closing steps: go round until
         // nothing is left, or leave the rest for a zero-wait next turn.
@@ -466,6 +477,10 @@ impl<H: Handler> Core<H> {
                 let d = t.saturating_duration_since(now);
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
+        }
+        if let (Some((_, at)), None) = (self.tick, self.shutdown) {
+            let d = at.saturating_duration_since(now);
+            next = Some(next.map_or(d, |n| n.min(d)));
         }
         // The shutdown deadline needs no wake-up of its own: every closing
         // connection's deadline is capped by it and is on the wheel.
