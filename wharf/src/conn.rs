@@ -12,6 +12,7 @@ use crate::handle::Handle;
 use crate::id::ConnId;
 use crate::pool::{Output, SubmitError};
 use crate::sendq::OutQueue;
+use crate::sys::Socket;
 
 /// The part of a connection's slot that sending and closing touch; the loop
 /// owns it, a `Conn` borrows it during a callback.
@@ -30,6 +31,15 @@ pub(crate) struct ConnCtl {
     pub(crate) jobs: Jobs,
     /// The handler's timers of this connection.
     pub(crate) timers: Timers,
+    /// The handler paused reading (`Conn::pause_reading`).
+    pub(crate) read_paused: bool,
+    /// The handler shut the write side (`Conn::shutdown_write`): the FIN
+    /// goes out once the queue is flushed; `write_shut` once it has.
+    pub(crate) shut_write: bool,
+    pub(crate) write_shut: bool,
+    /// The close asked for is abortive (`Conn::abort`): a reset, nothing
+    /// queued is sent.
+    pub(crate) abort: bool,
 }
 
 /// A connection's jobs on the worker pool. Results are applied in
@@ -146,6 +156,10 @@ impl ConnCtl {
             touched: false,
             jobs: Jobs::default(),
             timers: Timers::default(),
+            read_paused: false,
+            shut_write: false,
+            write_shut: false,
+            abort: false,
         }
     }
 
@@ -176,7 +190,7 @@ impl ConnCtl {
     }
 
     fn admit(&self, high_water: usize) -> Result<(), SendError> {
-        if !self.open {
+        if !self.open || self.shut_write {
             Err(SendError::Closed)
         } else if self.unsent > high_water {
             Err(SendError::Backpressure)
@@ -208,6 +222,7 @@ pub struct Conn<'a, S> {
     pub(crate) handle: &'a Handle,
     /// The loop's time for this turn.
     pub(crate) now: Instant,
+    pub(crate) socket: &'a Socket,
 }
 
 impl<S> Conn<'_, S> {
@@ -342,6 +357,48 @@ impl<S> Conn<'_, S> {
             self.ctl.close_request = Some(CloseReason::Local);
         }
         self.touch();
+    }
+
+    /// Closes the connection abortively: what is queued is dropped and
+    /// the peer gets a reset (RST) instead of an orderly FIN. `on_close`
+    /// runs with [`CloseReason::Local`].
+    pub fn abort(&mut self) {
+        self.ctl.abort = true;
+        self.ctl.close_request = Some(CloseReason::Local);
+        self.touch();
+    }
+
+    /// Shuts the write side once what is queued has been sent (the peer
+    /// reads EOF) and keeps reading: messages still arrive, and the
+    /// connection closes when the peer finishes too. Sends fail with
+    /// [`SendError::Closed`] from now on.
+    pub fn shutdown_write(&mut self) {
+        self.ctl.shut_write = true;
+        self.touch();
+    }
+
+    /// Stops reading from this connection until
+    /// [`resume_reading`](Self::resume_reading): no `on_message` runs
+    /// (what already arrived is held, at most one receive buffer more),
+    /// and the peer's sends stall once the kernel's buffers fill.
+    pub fn pause_reading(&mut self) {
+        self.ctl.read_paused = true;
+        self.touch();
+    }
+
+    /// Resumes reading after [`pause_reading`](Self::pause_reading); what
+    /// was held is delivered first.
+    pub fn resume_reading(&mut self) {
+        self.ctl.read_paused = false;
+        self.touch();
+    }
+
+    /// The local address of the connection's socket.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("the socket has no IP address"))
     }
 
     /// The server's handle: broadcast, reach other connections, connect.

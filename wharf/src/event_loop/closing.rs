@@ -37,6 +37,25 @@ impl<H: Handler> Core<H> {
         self.start_closing(key, flush, peer_done);
     }
 
+    /// Carries out a close the handler asked for: orderly (what is queued
+    /// is flushed, then the FIN), or abortive (`Conn::abort`: a reset).
+    pub(super) fn close_as_asked(&mut self, key: u32, reason: CloseReason) {
+        let slot = &mut self.conns[key as usize];
+        if !slot.ctl.abort {
+            return self.close(key, reason, true);
+        }
+        // A zero linger makes closing the socket send a reset; no FIN is
+        // sent first (as for a failed connection) and nothing lingers.
+        if let Err(e) = slot.socket.set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(error = %e, "SO_LINGER 0 for an abortive close failed");
+        }
+        if let Phase::Open(open) = &mut slot.phase {
+            open.eof = true;
+        }
+        self.close(key, reason, false);
+        self.start_draining(key);
+    }
+
     /// An open connection failed (reset, or a send error): close at once,
     /// nothing more can be sent or read.
     pub(super) fn close_failed(&mut self, key: u32, e: std::io::Error) {
@@ -203,7 +222,9 @@ impl<H: Handler> Core<H> {
                 // sending is not idle (the write-stall timeout covers a
                 // peer that stopped reading).
                 l.idle_timeout
-                    .filter(|_| !open.congested && slot.ctl.jobs.in_flight() == 0)
+                    .filter(|_| {
+                        !open.congested && !slot.ctl.read_paused && slot.ctl.jobs.in_flight() == 0
+                    })
                     .map(|d| slot.last_recv_tick + ticks(d)),
                 // Left open at shutdown for its jobs' results.
                 self.shutdown.map(at),

@@ -137,6 +137,7 @@ impl<H: Handler> Core<H> {
             messages_out: &mut self.counters.messages_out,
             handle: &self.handle,
             now: self.now,
+            socket: &slot.socket,
         };
         f(&mut conn)
     }
@@ -157,7 +158,8 @@ impl<H: Handler> Core<H> {
         }
         slot.last_recv_tick = self.stamp_tick;
         let jobs_full = slot.ctl.jobs.in_flight() >= self.limits.jobs_per_connection;
-        if open.congested || !open.held.is_empty() || slot.ctl.unsent > high || jobs_full {
+        let held_back = open.congested || slot.ctl.read_paused || jobs_full;
+        if held_back || !open.held.is_empty() || slot.ctl.unsent > high {
             // Back-pressure: keep what arrives until the queue drains (or
             // the connection's jobs come back). The
             // receive is being paused: poll and IOCP read nothing more this
@@ -199,6 +201,7 @@ impl<H: Handler> Core<H> {
             messages_out: &mut self.counters.messages_out,
             handle: &self.handle,
             now: self.now,
+            socket: &slot.socket,
         };
         let on_frame = |msg: &[u8]| {
             *messages += 1;
@@ -208,6 +211,7 @@ impl<H: Handler> Core<H> {
                 return ControlFlow::Break(());
             }
             if conn.ctl.close_request.is_some()
+                || conn.ctl.read_paused
                 || conn.ctl.unsent > high
                 || conn.ctl.jobs.in_flight() >= jobs_limit
             {
@@ -383,7 +387,7 @@ impl<H: Handler> Core<H> {
         let high = self.limits.high_water;
         let slot = &mut self.conns[key as usize];
         if let Some(reason) = slot.ctl.close_request.take() {
-            return self.close(key, reason, true);
+            return self.close_as_asked(key, reason);
         }
         let Phase::Open(open) = &mut slot.phase else {
             return;
@@ -401,7 +405,8 @@ impl<H: Handler> Core<H> {
         };
         let jobs = slot.ctl.jobs.in_flight();
         let jobs_full = jobs >= self.limits.jobs_per_connection;
-        if !open.congested && !jobs_full && !open.held.is_empty() {
+        let held_back = open.congested || slot.ctl.read_paused || jobs_full;
+        if !held_back && !open.held.is_empty() {
             // The queue drained (and jobs came back): deliver what arrived
             // meanwhile. Crossing the mark again holds the rest; this slot
             // is touched, so the next round pauses it.
@@ -409,7 +414,7 @@ impl<H: Handler> Core<H> {
             self.deliver(key, &held);
             let slot = &mut self.conns[key as usize];
             if let Some(reason) = slot.ctl.close_request.take() {
-                return self.close(key, reason, true);
+                return self.close_as_asked(key, reason);
             }
             if !matches!(slot.phase, Phase::Open(_)) {
                 return;
@@ -432,10 +437,16 @@ impl<H: Handler> Core<H> {
         }
         // Reading pauses over the send queue's mark, while the connection
         // has as many jobs in flight as it may, and during a shutdown.
-        let paused = open.congested || jobs_full || self.shutdown.is_some();
+        let paused = open.congested || slot.ctl.read_paused || jobs_full || self.shutdown.is_some();
         let eof = open.eof;
         self.start_send(driver, key);
         let slot = &mut self.conns[key as usize];
+        let flushed = !slot.io.sending && slot.ctl.out.is_empty() && slot.io.leftover.is_none();
+        if slot.ctl.shut_write && !slot.ctl.write_shut && flushed {
+            // Half-closed by the handler: the FIN follows what was queued.
+            slot.ctl.write_shut = true;
+            sys::shutdown_write(&slot.socket);
+        }
         match slot.io.recv {
             Recv::Armed if paused => {
                 slot.io.recv = Recv::Cancelling;
