@@ -214,6 +214,7 @@ pub struct Conn<'a, S> {
     pub(crate) slot: u32,
     pub(crate) peer: SocketAddr,
     pub(crate) outbound: bool,
+    pub(crate) token: Option<u64>,
     pub(crate) high_water: usize,
     pub(crate) state: &'a mut S,
     pub(crate) ctl: &'a mut ConnCtl,
@@ -239,6 +240,12 @@ impl<S> Conn<'_, S> {
     /// Whether this connection was opened by [`Handle::connect`].
     pub fn is_outbound(&self) -> bool {
         self.outbound
+    }
+
+    /// The token of an outbound connection (`Connect::token`); `None` for
+    /// an accepted one.
+    pub fn token(&self) -> Option<u64> {
+        self.token
     }
 
     /// The per-connection state.

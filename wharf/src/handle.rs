@@ -3,7 +3,7 @@
 //! it.
 
 use std::io;
-use std::net::{IpAddr, ToSocketAddrs};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::codec::{FrameError, Framing};
+use crate::connect::{Connect, Dial};
 use crate::error::SendError;
+use crate::event_loop::resolve_then_connect;
 use crate::id::{ConnId, LiveTable};
 use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
@@ -109,20 +111,28 @@ impl Handle {
             .map_err(|_| l.refusal())
     }
 
-    /// Opens an outbound connection on one of the loops. It gets the same
-    /// callbacks as an accepted one (`Conn::is_outbound` tells them apart);
-    /// a failure calls `Handler::on_connect_failed`, also when the server
-    /// shuts down before the connect is carried out.
-    pub fn connect(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
+    /// Opens an outbound connection on one of the loops: an address, a
+    /// `host:port` or a [`Connect`] with a token, a timeout and a
+    /// reconnect policy. It gets the same callbacks as an accepted one
+    /// (`Conn::is_outbound` and `Conn::token` tell them apart); every
+    /// address is tried in turn, and when all fail
+    /// `Handler::on_connect_failed` runs with the token, also when the
+    /// server shuts down before the connect is carried out. A name is
+    /// resolved on a thread of its own, so this never blocks (and may be
+    /// called from a callback); if the server stops before it resolves,
+    /// the connect is dropped without a callback.
+    pub fn connect(&self, target: impl Into<Connect>) -> io::Result<()> {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Err(io::Error::other("server stopped"));
         }
-        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
-        })?;
+        let dial = Box::new(Dial::new(target.into()));
         let loops = &self.shared.loops;
-        let first = self.shared.next_loop.fetch_add(1, Ordering::Relaxed);
-        let mut command = Command::Connect(addr);
+        let first = self.shared.next_loop.fetch_add(1, Ordering::Relaxed) % loops.len();
+        if dial.needs_resolving() {
+            resolve_then_connect(self.shared.clone(), first, dial);
+            return Ok(());
+        }
+        let mut command = Command::Connect(dial);
         // A loop that failed refuses the post: try the others.
         for i in 0..loops.len() {
             match loops[(first + i) % loops.len()].mailbox.post(command) {
@@ -131,6 +141,16 @@ impl Handle {
             }
         }
         Err(io::Error::other("every event loop has ended"))
+    }
+
+    /// Ends the reconnects of the connects with `token`
+    /// ([`Connect::reconnect`]): no attempt waiting for its back-off
+    /// starts, and a connection open now is not reopened when it closes
+    /// (it stays open: [`disconnect`](Self::disconnect) it if need be).
+    pub fn stop_reconnect(&self, token: u64) {
+        for l in &self.shared.loops {
+            let _ = l.mailbox.post(Command::StopReconnect(token));
+        }
     }
 
     /// Whether `id` names an open connection.

@@ -1,9 +1,7 @@
 //! The callbacks a user implements.
 
-use std::io;
-use std::net::SocketAddr;
-
 use crate::conn::Conn;
+use crate::connect::{ConnectFailure, Opening};
 use crate::error::CloseReason;
 use crate::event_loop::Tick;
 
@@ -23,8 +21,16 @@ pub enum Accept {
 /// All callbacks of one connection run on its loop thread, in order, never
 /// at the same time.
 pub trait Handler: Send + Sync + 'static {
-    /// Per-connection state, created with `Default` before `on_open`.
+    /// Per-connection state, made by [`new_state`](Self::new_state)
+    /// before `on_open` (by `Default` unless that is overridden).
     type State: Default + 'static;
+
+    /// Makes the state of a connection about to open, from its peer and,
+    /// for an outbound one, its connect's token.
+    fn new_state(&self, opening: &Opening) -> Self::State {
+        let _ = opening;
+        Self::State::default()
+    }
 
     /// A connection opened (accepted, or an outbound connect succeeded).
     fn on_open(&self, conn: &mut Conn<'_, Self::State>) -> Accept {
@@ -65,8 +71,16 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// An outbound connect (from [`Handle::connect`](crate::Handle::connect))
-    /// failed; no other callback runs for it.
-    fn on_connect_failed(&self, addr: SocketAddr, error: io::Error) {
-        let _ = (addr, error);
+    /// failed: every address was tried, or the server is stopping. No
+    /// other callback runs for it; with a reconnect policy,
+    /// `failure.retry_in` says when the next attempt starts.
+    fn on_connect_failed(&self, failure: ConnectFailure) {
+        let _ = failure;
+    }
+
+    /// Reconnect attempt `attempt` (1 for the first) of the connect with
+    /// `token` starts now (`Connect::reconnect`).
+    fn on_reconnect(&self, token: u64, attempt: u32) {
+        let _ = (token, attempt);
     }
 }

@@ -27,6 +27,7 @@ use std::sync::{
     Mutex,
 };
 
+use crate::connect::Dial;
 use crate::id::ConnId;
 use crate::pool::Done;
 use crate::sys::Socket;
@@ -40,7 +41,9 @@ pub(crate) enum Command {
     /// Close a connection after flushing it.
     Disconnect(ConnId),
     /// Open an outbound connection.
-    Connect(SocketAddr),
+    Connect(Box<Dial>),
+    /// No more reconnects for this token.
+    StopReconnect(u64),
     /// Take over a connection another loop accepted (loops that share one
     /// listening socket spread their accepts this way).
     Adopt(Socket, Option<SocketAddr>),

@@ -332,7 +332,8 @@ impl Handler for Echo {
         c.close = Some((reason, turn, self.clock.now()));
     }
 
-    fn on_connect_failed(&self, addr: SocketAddr, _error: std::io::Error) {
+    fn on_connect_failed(&self, failure: crate::ConnectFailure) {
+        let addr = failure.addr.expect("a scripted connect has its address");
         self.records.lock().unwrap().connect_failed.push(addr);
     }
 }

@@ -161,7 +161,7 @@ impl Handler for Client {
         self.replies.lock().unwrap().push(msg.to_vec());
         conn.close();
     }
-    fn on_connect_failed(&self, _addr: std::net::SocketAddr, _e: std::io::Error) {
+    fn on_connect_failed(&self, _failure: wharf::ConnectFailure) {
         self.failed.fetch_add(1, Ordering::SeqCst);
     }
 }

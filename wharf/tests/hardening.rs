@@ -273,7 +273,7 @@ impl Handler for Connects {
         wharf::Accept::Yes
     }
     fn on_message(&self, _conn: &mut Conn<'_, ()>, _msg: &[u8]) {}
-    fn on_connect_failed(&self, _addr: std::net::SocketAddr, _e: std::io::Error) {
+    fn on_connect_failed(&self, _failure: wharf::ConnectFailure) {
         self.failed.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -120,7 +120,7 @@ impl Handler for Client {
         }
     }
 
-    fn on_connect_failed(&self, _addr: std::net::SocketAddr, _error: std::io::Error) {
+    fn on_connect_failed(&self, _failure: wharf::ConnectFailure) {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 }

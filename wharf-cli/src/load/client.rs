@@ -5,8 +5,6 @@
 //! against the pattern, one uncontended lock of the loop's own
 //! [`Shard`](super::shared::Shard), and, in closed loop, one send.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -205,9 +203,10 @@ impl Handler for LoadHandler {
         }
     }
 
-    fn on_connect_failed(&self, addr: SocketAddr, error: io::Error) {
+    fn on_connect_failed(&self, failure: wharf::ConnectFailure) {
         self.run.failed.fetch_add(1, Ordering::Relaxed);
+        let addr = failure.addr.map_or("?".to_owned(), |a| a.to_string());
         self.run
-            .note_failure(format!("connect to {addr} failed: {error}"));
+            .note_failure(format!("connect to {addr} failed: {}", failure.error));
     }
 }

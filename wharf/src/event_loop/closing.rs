@@ -31,8 +31,14 @@ impl<H: Handler> Core<H> {
         self.conns[key as usize].ctl.timers.clear();
         let id = self.id_of(key);
         let handler = self.handler.clone();
+        let shutdown = reason == CloseReason::Shutdown;
         if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_close(conn, reason))) {
             self.panicked("on_close", &id, &why);
+        }
+        if let Some(dial) = self.conns[key as usize].dial.take() {
+            if !shutdown {
+                self.closed_outbound(dial);
+            }
         }
         self.start_closing(key, flush, peer_done);
     }
@@ -215,7 +221,7 @@ impl<H: Handler> Core<H> {
             .map(|d| slot.last_write_tick + ticks(d));
         let at = |d: Instant| self.wheel.tick_of(d);
         match &slot.phase {
-            Phase::Connecting => None,
+            Phase::Connecting => slot.dial.as_ref().and_then(|d| d.deadline).map(at),
             Phase::Open(open) => [
                 // Idle time does not run while wharf itself paused reading
                 // or the connection waits for its jobs: a peer that is
@@ -334,7 +340,7 @@ impl<H: Handler> Core<H> {
             }
             // Out of time: drop what is unsent and stop waiting for the peer.
             Phase::Closing(_) => self.start_draining(key),
-            Phase::Connecting => {}
+            Phase::Connecting => self.connect_timed_out(key),
         }
     }
 }

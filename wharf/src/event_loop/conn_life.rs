@@ -10,6 +10,7 @@ use super::slot::{Io, Open, Phase, Recv, Slot};
 use super::Core;
 use crate::codec::FrameError;
 use crate::conn::{Conn, ConnCtl};
+use crate::connect::{Dial, Opening};
 use crate::error::CloseReason;
 use crate::handler::{Accept, Handler};
 use crate::id::{next_generation, ConnId};
@@ -51,11 +52,37 @@ impl<H: Handler> Core<H> {
             return;
         }
         sys::prepare(&socket, &self.socket_options);
-        let key = self.insert(socket, peer, Phase::Open(Open::default()), false);
+        let Some(key) = self.insert(socket, peer, Phase::Open(Open::default()), None) else {
+            self.handle.shared.release(Some(peer.ip()));
+            return;
+        };
         self.open(key);
     }
 
-    fn insert(&mut self, socket: Socket, peer: SocketAddr, phase: Phase, outbound: bool) -> u32 {
+    /// Gives a new connection a slot and its state (`Handler::new_state`);
+    /// `None` if that panicked (counted; an outbound connect is reported
+    /// failed), and the socket is closed.
+    pub(super) fn insert(
+        &mut self,
+        socket: Socket,
+        peer: SocketAddr,
+        phase: Phase,
+        dial: Option<Box<Dial>>,
+    ) -> Option<u32> {
+        let token = dial.as_ref().map(|d| d.request.token);
+        let handler = self.handler.clone();
+        let opening = Opening { peer, token };
+        let state = match contain(|| handler.new_state(&opening)) {
+            Ok(state) => state,
+            Err(why) => {
+                self.panicked("new_state", &peer, &why);
+                if let Some(dial) = dial {
+                    let e = std::io::Error::other("Handler::new_state panicked");
+                    self.dial_failed(dial, Some(peer), e);
+                }
+                return None;
+            }
+        };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if self.generations.len() <= key {
@@ -64,13 +91,14 @@ impl<H: Handler> Core<H> {
         let generation = next_generation(self.generations[key]);
         self.generations[key] = generation;
         entry.insert(Slot {
-            state: H::State::default(),
+            state,
             ctl: ConnCtl::new(self.framing.reader()),
             reader: self.framing.reader(),
             socket,
             generation,
             peer,
-            outbound,
+            outbound: dial.is_some(),
+            dial,
             io: Io::default(),
             phase,
             opened_tick: self.stamp_tick,
@@ -78,7 +106,7 @@ impl<H: Handler> Core<H> {
             last_write_tick: self.stamp_tick,
             timer: None,
         });
-        key as u32
+        Some(key as u32)
     }
 
     /// A connection became usable: run `on_open`, then start receiving.
@@ -130,6 +158,7 @@ impl<H: Handler> Core<H> {
             slot: key,
             peer: slot.peer,
             outbound: slot.outbound,
+            token: slot.dial.as_ref().map(|d| d.request.token),
             high_water: self.limits.high_water,
             state: &mut slot.state,
             ctl: &mut slot.ctl,
@@ -194,6 +223,7 @@ impl<H: Handler> Core<H> {
             slot: key,
             peer: slot.peer,
             outbound: slot.outbound,
+            token: slot.dial.as_ref().map(|d| d.request.token),
             high_water: high,
             state: &mut slot.state,
             ctl: &mut slot.ctl,
@@ -329,39 +359,30 @@ impl<H: Handler> Core<H> {
                 slot.phase = Phase::Open(Open::default());
                 slot.last_recv_tick = self.stamp_tick;
                 slot.opened_tick = self.stamp_tick;
+                if let Some(dial) = &mut slot.dial {
+                    // Open: the next reconnect starts from the first delay.
+                    dial.attempt = 0;
+                    dial.deadline = None;
+                    dial.pending.clear();
+                }
                 self.open(key);
             }
             other => {
-                let error = other
-                    .err()
-                    .unwrap_or_else(|| std::io::Error::other("the server is shutting down"));
                 let peer = slot.peer;
                 self.handle.shared.release(None);
-                self.conns.remove(key as usize);
-                self.guard_connect_failed(peer, error);
+                let slot = self.conns.remove(key as usize);
+                let dial = slot.dial.expect("an outbound connection has its dial");
+                let error = match other {
+                    _ if dial.timed_out => std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", dial.request.timeout),
+                    ),
+                    Err(e) => e,
+                    Ok(()) => std::io::Error::other("the server is shutting down"),
+                };
+                self.next_address(dial, peer, error);
             }
         }
-    }
-
-    pub(super) fn connect(&mut self, driver: &mut Driver, addr: SocketAddr) {
-        if self.shutdown.is_some() {
-            let e = std::io::Error::other("the server is shutting down");
-            return self.guard_connect_failed(addr, e);
-        }
-        if !self.handle.shared.admit(None) {
-            let e = std::io::Error::other("max_connections reached");
-            return self.guard_connect_failed(addr, e);
-        }
-        let socket = match sys::stream_socket(addr) {
-            Ok(s) => s,
-            Err(e) => {
-                self.handle.shared.release(None);
-                return self.guard_connect_failed(addr, e);
-            }
-        };
-        let key = self.insert(socket, addr, Phase::Connecting, true);
-        let slot = &mut self.conns[key as usize];
-        driver.connect(key, &slot.socket, addr);
     }
 
     pub(super) fn touch(&mut self, key: u32) {
@@ -377,7 +398,7 @@ impl<H: Handler> Core<H> {
     /// next closing step.
     pub(super) fn advance(&mut self, driver: &mut Driver, key: u32) {
         match self.conns[key as usize].phase {
-            Phase::Connecting => {}
+            Phase::Connecting => self.advance_connecting(driver, key),
             Phase::Open(_) => self.advance_open(driver, key),
             Phase::Closing(_) => self.advance_closing(driver, key),
         }

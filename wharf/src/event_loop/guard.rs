@@ -8,10 +8,10 @@
 //! through `Conn`, whose every method leaves it consistent.
 
 use std::any::Any;
-use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::Core;
+use crate::connect::ConnectFailure;
 use crate::handler::Handler;
 
 /// Runs `f`, turning a panic into `Err` with its message.
@@ -44,10 +44,11 @@ impl<H: Handler> Core<H> {
     }
 
     /// `on_connect_failed`, contained.
-    pub(super) fn guard_connect_failed(&mut self, addr: SocketAddr, error: std::io::Error) {
+    pub(super) fn guard_connect_failed(&mut self, failure: ConnectFailure) {
         let handler = self.handler.clone();
-        if let Err(why) = contain(|| handler.on_connect_failed(addr, error)) {
-            self.panicked("on_connect_failed", &addr, &why);
+        let token = failure.token;
+        if let Err(why) = contain(|| handler.on_connect_failed(failure)) {
+            self.panicked("on_connect_failed", &format_args!("token {token}"), &why);
         }
     }
 }

@@ -15,11 +15,13 @@
 
 mod closing;
 mod conn_life;
+mod dial;
 mod guard;
 mod jobs;
 mod slot;
 mod tick;
 
+pub(crate) use dial::resolve_then_connect;
 pub(crate) use guard::message as panic_message;
 pub use tick::Tick;
 
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::codec::Framing;
+use crate::connect::ConnectFailure;
 use crate::error::CloseReason;
 use crate::handle::{Handle, LoopShared};
 use crate::handler::Handler;
@@ -117,6 +120,10 @@ struct Core<H: Handler> {
     due_timers: Vec<(Instant, u64)>,
     /// The periodic tick (`Builder::tick`), and when it is next due.
     tick: Option<(Duration, Instant)>,
+    /// Outbound connects waiting to start: a next address, a reconnect.
+    redials: Vec<dial::Redial>,
+    /// State of the back-off jitter's generator.
+    rng: u64,
     /// This turn's time, and the wheel tick it falls in (for "is it due")
     /// and the one at or after it (for stamping activity, so that a
     /// timeout never fires early).
@@ -193,6 +200,8 @@ impl<H: Handler> EventLoop<H> {
                 due: Vec::new(),
                 due_timers: Vec::new(),
                 tick: config.tick.map(|every| (every, now + every)),
+                redials: Vec::new(),
+                rng: jitter_seed(config.index),
                 now,
                 now_tick: 0,
                 stamp_tick: 0,
@@ -340,7 +349,8 @@ impl<H: Handler> Core<H> {
                     self.close(key, CloseReason::Disconnected, true);
                 }
             }
-            Command::Connect(addr) => self.connect(driver, addr),
+            Command::Connect(dial) => self.connect(driver, dial),
+            Command::StopReconnect(token) => self.stop_reconnect(token),
             Command::Adopt(socket, peer) => self.adopt(socket, peer),
             Command::Shutdown(until) => self.begin_shutdown(driver, until),
             Command::JobDone(done) => self.job_done(done),
@@ -389,6 +399,8 @@ impl<H: Handler> Core<H> {
             return;
         }
         self.shutdown = Some(until);
+        // Connects between attempts: their last failure was reported.
+        self.redials.clear();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if let Some(socket) = &l.socket {
                 if l.accepting {
@@ -442,6 +454,9 @@ impl<H: Handler> Core<H> {
         }
         self.due = due;
         self.run_tick();
+        if !self.redials.is_empty() {
+            self.run_redials(driver);
+        }
         // Moving a slot forward can touch it (or another) again, as when a
         // close it carries out starts the closing steps: go round until
         // nothing is left, or leave the rest for a zero-wait next turn.
@@ -477,6 +492,10 @@ impl<H: Handler> Core<H> {
                 let d = t.saturating_duration_since(now);
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
+        }
+        if let Some(at) = self.next_redial() {
+            let d = at.saturating_duration_since(now);
+            next = Some(next.map_or(d, |n| n.min(d)));
         }
         if let (Some((_, at)), None) = (self.tick, self.shutdown) {
             let d = at.saturating_duration_since(now);
@@ -529,10 +548,14 @@ impl<H: Handler> Core<H> {
                 self.close(key, CloseReason::LoopFailed, false);
             }
             let slot = self.conns.remove(key as usize);
-            if matches!(slot.phase, Phase::Connecting) {
+            if let (Phase::Connecting, Some(dial)) = (&slot.phase, slot.dial) {
                 self.handle.shared.release(None);
-                let e = std::io::Error::other("the event loop failed");
-                self.guard_connect_failed(slot.peer, e);
+                self.guard_connect_failed(ConnectFailure {
+                    token: dial.request.token,
+                    addr: Some(slot.peer),
+                    error: std::io::Error::other("the event loop failed"),
+                    retry_in: None,
+                });
             } else {
                 let ip = (!slot.outbound).then(|| slot.peer.ip());
                 self.handle.shared.release(ip);
@@ -555,17 +578,31 @@ impl<H: Handler> Core<H> {
         let shared = &handle.shared.loops[self.index];
         for command in shared.mailbox.close() {
             match command {
-                Command::Connect(addr) => {
-                    let e = std::io::Error::other("the server is shutting down");
-                    self.guard_connect_failed(addr, e);
-                }
+                Command::Connect(dial) => self.guard_connect_failed(ConnectFailure {
+                    token: dial.request.token,
+                    addr: dial.pending.front().copied(),
+                    error: std::io::Error::other("the server is shutting down"),
+                    retry_in: None,
+                }),
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
                 Command::Adopt(..) => self.counters.refused += 1,
                 Command::JobDone(_) => self.counters.jobs_discarded += 1,
-                Command::Broadcast(_) | Command::Disconnect(_) | Command::Shutdown(_) => {}
+                Command::Broadcast(_)
+                | Command::Disconnect(_)
+                | Command::Shutdown(_)
+                | Command::StopReconnect(_) => {}
             }
         }
         self.publish();
         self.shared().drained.notify_if_waited();
     }
+}
+
+/// A seed for a loop's jitter generator: different per loop and per run
+/// (never 0, which xorshift cannot leave).
+fn jitter_seed(index: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crate::codec::FrameReader;
 use crate::conn::ConnCtl;
+use crate::connect::Dial;
 use crate::sys::{SendBatch, Socket};
 
 pub(super) struct Slot<S> {
@@ -21,6 +22,9 @@ pub(super) struct Slot<S> {
     pub(super) generation: u64,
     pub(super) peer: SocketAddr,
     pub(super) outbound: bool,
+    /// An outbound connection's connect: its token, the addresses left to
+    /// try, and its reconnect policy.
+    pub(super) dial: Option<Box<Dial>>,
     pub(super) io: Io,
     pub(super) phase: Phase,
     /// Ticks (of the timer wheel, rounded up) of the last activity.
