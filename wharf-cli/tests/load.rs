@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use wharf::{Conn, Framing, Handler, Server};
+use wharf::{Conn, ConnId, Framing, Handler, Server};
 use wharf_cli::load::{self, Config, LoadError, Mode, Report};
 
 /// An echo server that can misbehave once.
@@ -13,6 +14,8 @@ struct Echo {
     /// Messages seen (over all connections).
     seen: AtomicU64,
     fault: Fault,
+    /// `Fault::Swap`: the message held back, and its connection.
+    held: Mutex<Option<(ConnId, Vec<u8>)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -22,6 +25,11 @@ enum Fault {
     CorruptMessage(u64),
     /// Close the connection that receives the n-th message.
     DropAt(u64),
+    /// Answer the n-th message after the next one of its connection.
+    Swap(u64),
+    /// Answer every message from a job on the worker pool that sleeps a
+    /// varying time (the replies must still come back in order).
+    Jobs,
 }
 
 impl Handler for Echo {
@@ -37,6 +45,27 @@ impl Handler for Echo {
                 let _ = conn.send(&bad);
             }
             Fault::DropAt(at) if n == at => conn.close(),
+            Fault::Swap(at) if n == at => {
+                *self.held.lock().unwrap() = Some((conn.id(), msg.to_vec()));
+            }
+            Fault::Swap(_) => {
+                let _ = conn.send(msg);
+                let mut held = self.held.lock().unwrap();
+                if held.as_ref().is_some_and(|(id, _)| *id == conn.id()) {
+                    let _ = conn.send(&held.take().unwrap().1);
+                }
+            }
+            Fault::Jobs => {
+                let msg = msg.to_vec();
+                let us = (n * 7919) % 300;
+                conn.submit(move || {
+                    std::thread::sleep(Duration::from_micros(us));
+                    move |conn: &mut Conn<'_, ()>| {
+                        let _ = conn.send(&msg);
+                    }
+                })
+                .expect("the pool takes the job");
+            }
             _ => {
                 let _ = conn.send(msg);
             }
@@ -53,6 +82,7 @@ fn serve(framing: Framing, fault: Fault) -> Server {
         .start(Echo {
             seen: AtomicU64::new(0),
             fault,
+            held: Mutex::new(None),
         })
         .expect("start the echo server")
 }
@@ -104,6 +134,26 @@ fn one_corrupted_byte_is_caught() {
     assert!(!report.ok, "{report:#?}");
     assert_eq!(report.corrupt, 1, "{report:#?}");
     assert!(report.errors >= 1);
+}
+
+#[test]
+fn two_replies_out_of_order_are_caught() {
+    let server = serve(Framing::default(), Fault::Swap(300));
+    let report = run(&short(server.local_addr()));
+    assert!(!report.ok, "{report:#?}");
+    assert!(report.errors >= 1, "{report:#?}");
+}
+
+#[test]
+fn an_echo_through_worker_jobs_keeps_order() {
+    let server = serve(Framing::default(), Fault::Jobs);
+    let mut config = short(server.local_addr());
+    config.connections = 16;
+    config.mode = Mode::Closed { inflight: 8 };
+    let report = run(&config);
+    assert!(report.ok, "{report:#?}");
+    assert!(report.messages > 100, "{report:#?}");
+    assert_eq!(server.handle().stats().handler_panics, 0);
 }
 
 #[test]

@@ -34,7 +34,8 @@ impl<H: Handler> Core<H> {
     pub(super) fn connect(&mut self, driver: &mut Driver, mut dial: Box<Dial>) {
         if self.shutdown.is_some() {
             let e = io::Error::other("the server is shutting down");
-            return self.dial_failed(dial, None, e);
+            let addr = dial.pending.front().copied();
+            return self.dial_failed(dial, addr, e);
         }
         let Some(addr) = dial.pending.pop_front() else {
             let e = dial.last_error.take().unwrap_or_else(|| {
