@@ -10,7 +10,7 @@ use crate::codec::{FrameError, FrameReader};
 use crate::error::{CloseReason, SendError};
 use crate::handle::Handle;
 use crate::id::ConnId;
-use crate::pool::{Output, SubmitError};
+use crate::pool::SubmitError;
 use crate::sendq::OutQueue;
 use crate::sys::Socket;
 
@@ -42,17 +42,16 @@ pub(crate) struct ConnCtl {
     pub(crate) abort: bool,
 }
 
-/// A connection's jobs on the worker pool. Results are applied in
-/// submission order: one that finishes before an earlier job waits in
-/// `early` (a connection has at most `Builder::jobs_per_connection` in
-/// flight from its messages, so `early` stays short).
+/// A connection's jobs on the worker pool, by sequence number. Results
+/// are applied in submission order: one that finishes before an earlier
+/// job waits in its loop's map of early results (so that a connection
+/// costs two numbers for its jobs, whatever it did before).
 #[derive(Default)]
 pub(crate) struct Jobs {
     /// The sequence number the next job gets.
     pub(crate) next: u32,
     /// The sequence number of the next result to apply.
     pub(crate) applied: u32,
-    pub(crate) early: Vec<(u32, Output)>,
 }
 
 impl Jobs {

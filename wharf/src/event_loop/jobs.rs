@@ -19,11 +19,10 @@ impl<H: Handler> Core<H> {
             return;
         };
         let slot = &mut self.conns[key as usize];
-        let jobs = &mut slot.ctl.jobs;
-        if done.seq != jobs.applied || slot.ctl.close_request.is_some() {
+        if done.seq != slot.ctl.jobs.applied || slot.ctl.close_request.is_some() {
             // An earlier job is still running (or the connection is about
             // to close, which drops what waits here).
-            jobs.early.push((done.seq, done.output));
+            self.early_results.insert((key, done.seq), done.output);
             return;
         }
         let mut output = done.output;
@@ -36,8 +35,8 @@ impl<H: Handler> Core<H> {
                 break;
             }
             let next = jobs.applied;
-            match jobs.early.iter().position(|(seq, _)| *seq == next) {
-                Some(i) => output = jobs.early.swap_remove(i).1,
+            match self.early_results.remove(&(key, next)) {
+                Some(early) => output = early,
                 None => break,
             }
         }
@@ -65,8 +64,16 @@ impl<H: Handler> Core<H> {
     /// The connection closed: results still waiting for an earlier job's
     /// are dropped (those still running are dropped when they arrive).
     pub(super) fn drop_job_results(&mut self, key: u32) {
-        let jobs = &mut self.conns[key as usize].ctl.jobs;
-        self.counters.jobs_discarded += jobs.early.len() as u64;
-        jobs.early = Vec::new();
+        if self.early_results.is_empty() {
+            return;
+        }
+        let jobs = &self.conns[key as usize].ctl.jobs;
+        let mut seq = jobs.applied;
+        while seq != jobs.next {
+            if self.early_results.remove(&(key, seq)).is_some() {
+                self.counters.jobs_discarded += 1;
+            }
+            seq = seq.wrapping_add(1);
+        }
     }
 }

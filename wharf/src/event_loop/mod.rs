@@ -124,6 +124,10 @@ struct Core<H: Handler> {
     redials: Vec<dial::Redial>,
     /// State of the back-off jitter's generator.
     rng: u64,
+    /// Job results that came back before an earlier job of their
+    /// connection, by (slot, sequence number); emptied as they are applied
+    /// or their connection closes.
+    early_results: std::collections::HashMap<(u32, u32), crate::pool::Output>,
     /// This turn's time, and the wheel tick it falls in (for "is it due")
     /// and the one at or after it (for stamping activity, so that a
     /// timeout never fires early).
@@ -202,6 +206,7 @@ impl<H: Handler> EventLoop<H> {
                 tick: config.tick.map(|every| (every, now + every)),
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),
+                early_results: std::collections::HashMap::new(),
                 now,
                 now_tick: 0,
                 stamp_tick: 0,
