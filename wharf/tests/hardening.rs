@@ -285,6 +285,13 @@ fn connects_during_shutdown_are_answered() {
     each_backend_kind(|backend| {
         let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = target.local_addr().unwrap();
+        // Nobody listens here: half the connects fail on it first and go
+        // on to `addr`, so some are between addresses when the shutdown
+        // comes.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         for _ in 0..5 {
             let h = Connects::default();
             let client = Server::builder()
@@ -303,7 +310,12 @@ fn connects_during_shutdown_are_answered() {
                     let mut tries = 0;
                     while !stop.load(Ordering::SeqCst) && tries < 2000 {
                         tries += 1;
-                        if handle.connect(addr).is_ok() {
+                        let to = if tries % 2 == 0 {
+                            wharf::Connect::addrs([dead, addr])
+                        } else {
+                            wharf::Connect::addrs([addr])
+                        };
+                        if handle.connect(to).is_ok() {
                             accepted += 1;
                         }
                         if tries % 50 == 0 {

@@ -404,8 +404,15 @@ impl<H: Handler> Core<H> {
             return;
         }
         self.shutdown = Some(until);
-        // Connects between attempts: their last failure was reported.
-        self.redials.clear();
+        // Reconnects waiting for their back-off had their failure
+        // reported; a connect on its way to its next address has not.
+        for redial in std::mem::take(&mut self.redials) {
+            if !redial.announce {
+                let addr = redial.dial.pending.front().copied();
+                let e = std::io::Error::other("the server is shutting down");
+                self.dial_failed(redial.dial, addr, e);
+            }
+        }
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if let Some(socket) = &l.socket {
                 if l.accepting {
