@@ -13,11 +13,12 @@
 //! jobs until the deadline; a job still running then is left to finish on
 //! its own thread, its result dropped.
 
+mod queue;
+
 use std::any::Any;
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ use crate::event_loop::panic_message;
 use crate::handle::Shared;
 use crate::id::ConnId;
 use crate::mailbox::Command;
+
+use self::queue::{Refused, WorkQueue};
 
 /// What a job hands back to its loop: the connection's `Apply<S>`, erased
 /// (the pool knows no handler's state type), or the panic's message.
@@ -62,49 +65,27 @@ pub enum SubmitError {
 
 pub(crate) struct Pool {
     workers: usize,
-    limit: usize,
-    state: Mutex<State>,
-    /// Signalled when a job is queued or the pool stops.
-    work: Condvar,
-    /// Signalled when a running job ends.
-    idle: Condvar,
+    queue: WorkQueue<Job>,
+    /// The worker threads, started by the first submit.
+    threads: Mutex<Option<Vec<JoinHandle<()>>>>,
+    /// Set once the threads are started: a submit then skips their lock.
+    started: AtomicBool,
     refused: AtomicU64,
-    /// Jobs were queued while workers waited, and they were not woken yet.
-    unwoken: AtomicBool,
-}
-
-#[derive(Default)]
-struct State {
-    queue: VecDeque<Job>,
-    running: usize,
-    /// Workers waiting for a job: a submit wakes one only if there is one
-    /// (a busy worker takes the next job without a wake-up).
-    waiting: usize,
-    started: bool,
-    stopping: bool,
-    threads: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
     pub(crate) fn new(workers: usize, limit: usize) -> Pool {
         Pool {
             workers: workers.max(1),
-            limit: limit.max(1),
-            state: Mutex::new(State::default()),
-            work: Condvar::new(),
-            idle: Condvar::new(),
+            queue: WorkQueue::new(limit),
+            threads: Mutex::new(None),
+            started: AtomicBool::new(false),
             refused: AtomicU64::new(0),
-            unwoken: AtomicBool::new(false),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Jobs run outside the lock, so a poisoned lock only means a
-        // worker's bookkeeping panicked, which it does not: go on.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues `run` for connection `id` as its job number `seq`.
+    /// Queues `run` for connection `id` as its job number `seq`. Called
+    /// on a loop thread, which calls `wake_workers` at the end of its turn.
     pub(crate) fn submit(
         &self,
         shared: &Arc<Shared>,
@@ -112,53 +93,54 @@ impl Pool {
         seq: u32,
         run: Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>,
     ) -> Result<(), SubmitError> {
-        let mut state = self.lock();
-        if state.stopping {
-            return Err(SubmitError::Stopped);
-        }
-        if state.queue.len() >= self.limit {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(SubmitError::Saturated);
-        }
-        if !state.started {
-            state.started = true;
-            for i in 0..self.workers {
-                let shared = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("wharf-worker-{i}"))
-                    .spawn(move || work(&shared));
-                match spawned {
-                    Ok(join) => state.threads.push(join),
-                    Err(e) => tracing::error!(error = %e, "a worker thread could not start"),
-                }
+        self.start(shared)?;
+        match self.queue.push(Job { run, id, seq }) {
+            Ok(()) => Ok(()),
+            Err((Refused::Full, _)) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::Saturated)
             }
-            if state.threads.is_empty() {
-                state.stopping = true;
-                return Err(SubmitError::Stopped);
-            }
+            Err((Refused::Stopped, _)) => Err(SubmitError::Stopped),
         }
-        state.queue.push_back(Job { run, id, seq });
-        if state.waiting > 0 {
-            // Woken at the end of the loop's turn (`wake_workers`), once
-            // for the turn's jobs: waking one now would, on a busy CPU,
-            // switch to it for every job.
-            self.unwoken.store(true, Ordering::Release);
-        }
-        Ok(())
     }
 
-    /// Once per loop turn: wakes the idle workers that jobs submitted
-    /// during the turn need. One atomic load when there are none.
+    /// Starts the worker threads if this is the first submit.
+    fn start(&self, shared: &Arc<Shared>) -> Result<(), SubmitError> {
+        if self.started.load(Ordering::Acquire) {
+            return Ok(()); // and a stopped queue refuses the push
+        }
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = &*threads {
+            return if running.is_empty() {
+                Err(SubmitError::Stopped)
+            } else {
+                Ok(())
+            };
+        }
+        let started: Vec<JoinHandle<()>> = (0..self.workers)
+            .filter_map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("wharf-worker-{i}"))
+                    .spawn(move || work(&shared))
+                    .map_err(|e| tracing::error!(error = %e, "a worker thread could not start"))
+                    .ok()
+            })
+            .collect();
+        let ok = !started.is_empty();
+        *threads = Some(started);
+        if ok {
+            self.started.store(true, Ordering::Release);
+            Ok(())
+        } else {
+            Err(SubmitError::Stopped)
+        }
+    }
+
+    /// Once per loop turn: wakes the idle workers that this turn's jobs
+    /// need.
     pub(crate) fn wake_workers(&self) {
-        if !self.unwoken.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let state = self.lock();
-        let n = state.waiting.min(state.queue.len());
-        drop(state);
-        for _ in 0..n {
-            self.work.notify_one();
-        }
+        self.queue.wake();
     }
 
     /// Submits refused so far because the queue was full.
@@ -168,49 +150,36 @@ impl Pool {
 
     /// Jobs queued and not yet running.
     pub(crate) fn queued(&self) -> usize {
-        self.lock().queue.len()
+        self.queue.queued()
     }
 
     /// Ends the pool once the loops have ended: what is queued is dropped,
     /// running jobs are waited for until `until`.
     pub(crate) fn stop(&self, until: Instant) {
-        let mut state = self.lock();
-        state.stopping = true;
-        state.queue.clear();
-        self.work.notify_all();
-        while state.running > 0 {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            state = self
-                .idle
-                .wait_timeout(state, until - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let threads = std::mem::take(&mut state.threads);
-        drop(state);
+        drop(self.queue.stop(until));
+        let threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Vec::new())
+            .unwrap_or_default();
         for join in threads {
-            if join.is_finished() || Instant::now() < until {
-                // An idle worker exits as soon as it sees `stopping`.
-                let _ = join_by(join, until);
-            }
-            // Past the deadline a busy worker is left to end on its own.
+            // An idle worker ends as soon as it sees the queue stopped;
+            // past the deadline a busy one is left to end on its own.
+            join_by(join, until);
         }
     }
 }
 
 /// Joins `join` if it ends by `until`; otherwise lets it run on.
-fn join_by(join: JoinHandle<()>, until: Instant) -> bool {
+fn join_by(join: JoinHandle<()>, until: Instant) {
     while !join.is_finished() {
         if Instant::now() >= until {
-            return false;
+            return;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     let _ = join.join();
-    true
 }
 
 /// Results a worker keeps before posting them: on a busy machine, posting
@@ -224,30 +193,26 @@ const BATCH_WAIT: Duration = Duration::from_micros(100);
 /// posted in batches while more jobs wait, for at most `BATCH_WAIT`; the
 /// last job in the queue posts at once.
 fn work(shared: &Shared) {
-    let pool = &shared.pool;
+    let queue = &shared.pool.queue;
     let mut batch: Vec<Vec<Command>> = (0..shared.loops.len()).map(|_| Vec::new()).collect();
     let mut held = 0usize;
     let mut since = Instant::now();
-    let mut state = pool.lock();
     loop {
-        let Some(job) = state.queue.pop_front() else {
-            if held > 0 {
-                drop(state);
-                post(shared, &mut batch);
-                held = 0;
-                state = pool.lock();
-                continue;
+        let job = if held > 0 {
+            match queue.try_next() {
+                Some(job) => job,
+                None => {
+                    post(shared, &mut batch);
+                    held = 0;
+                    continue;
+                }
             }
-            if state.stopping {
-                return;
+        } else {
+            match queue.next() {
+                Some(job) => job,
+                None => return,
             }
-            state.waiting += 1;
-            state = pool.work.wait(state).unwrap_or_else(|p| p.into_inner());
-            state.waiting -= 1;
-            continue;
         };
-        state.running += 1;
-        drop(state);
         let Job { run, id, seq } = job;
         let output = catch_unwind(AssertUnwindSafe(run)).map_err(|p| panic_message(&*p));
         if let Some(b) = batch.get_mut(id.loop_index()) {
@@ -261,12 +226,7 @@ fn work(shared: &Shared) {
             post(shared, &mut batch);
             held = 0;
         }
-        state = pool.lock();
-        state.running -= 1;
-        if state.stopping {
-            // Only `stop` waits on this (a notify is a system call).
-            pool.idle.notify_all();
-        }
+        queue.done();
     }
 }
 
