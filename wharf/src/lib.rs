@@ -50,7 +50,7 @@ mod timer;
 pub use backend::Backend;
 pub use builder::Builder;
 pub use bytes::Bytes;
-pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed};
+pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed, Lines};
 pub use conn::Conn;
 pub use connect::{Connect, ConnectFailure, Opening, Reconnect, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{CloseReason, SendError, ShutdownError};

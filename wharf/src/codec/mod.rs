@@ -6,7 +6,12 @@
 //! spans chunks is reassembled, in the reader's `pending` buffer, and each of
 //! its bytes is copied exactly once.
 
+mod lines;
+
+pub use lines::Lines;
+
 use bytes::{Bytes, BytesMut};
+use lines::LineReader;
 use std::fmt;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -25,6 +30,8 @@ pub enum Framing {
     /// No framing: every received chunk is a message, every send is written
     /// as is.
     Raw,
+    /// A message per line, ended by LF or CRLF (see [`Lines`]).
+    Lines(Lines),
     /// The user's own codec; the function makes one codec per connection.
     Custom(Arc<dyn Fn() -> Box<dyn Codec> + Send + Sync>),
 }
@@ -40,6 +47,7 @@ impl fmt::Debug for Framing {
         match self {
             Framing::LengthPrefixed(lp) => f.debug_tuple("LengthPrefixed").field(lp).finish(),
             Framing::Raw => f.write_str("Raw"),
+            Framing::Lines(l) => f.debug_tuple("Lines").field(l).finish(),
             Framing::Custom(_) => f.write_str("Custom"),
         }
     }
@@ -51,7 +59,20 @@ impl From<LengthPrefixed> for Framing {
     }
 }
 
+impl From<Lines> for Framing {
+    fn from(lines: Lines) -> Self {
+        Framing::Lines(lines)
+    }
+}
+
 impl Framing {
+    /// A message per line (LF or CRLF, handed over without it), at most
+    /// 8 KiB by default; refine with the methods of [`Lines`] and turn into
+    /// a `Framing` with `.into()`.
+    pub fn lines() -> Lines {
+        Lines::default()
+    }
+
     /// Length-prefixed framing with the default settings, to be refined with
     /// the builder methods of [`LengthPrefixed`] and turned into a `Framing`
     /// with `.into()`.
@@ -73,6 +94,7 @@ impl Framing {
     pub fn max_frame(&self) -> usize {
         match self {
             Framing::LengthPrefixed(lp) => lp.max_frame,
+            Framing::Lines(l) => l.max_line,
             Framing::Raw | Framing::Custom(_) => usize::MAX,
         }
     }
@@ -82,6 +104,7 @@ impl Framing {
         let codec = match self {
             Framing::LengthPrefixed(lp) => ReaderCodec::LengthPrefixed(*lp),
             Framing::Raw => ReaderCodec::Raw,
+            Framing::Lines(l) => ReaderCodec::Lines(LineReader::new(*l)),
             Framing::Custom(make) => ReaderCodec::Custom(make()),
         };
         FrameReader {
@@ -283,6 +306,7 @@ pub enum FrameError {
 enum ReaderCodec {
     LengthPrefixed(LengthPrefixed),
     Raw,
+    Lines(LineReader),
     Custom(Box<dyn Codec>),
 }
 
@@ -292,6 +316,7 @@ impl ReaderCodec {
     fn decode(&mut self, buf: &[u8]) -> Result<Decoded, FrameError> {
         let decoded = match self {
             ReaderCodec::LengthPrefixed(lp) => return lp.decode(buf),
+            ReaderCodec::Lines(l) => return l.decode(buf),
             // Raw is never asked to decode an empty buffer: the whole chunk is the message.
             ReaderCodec::Raw => {
                 let len = buf.len();
@@ -471,6 +496,7 @@ impl FrameReader {
                 dst.extend_from_slice(msg);
                 Ok(())
             }
+            ReaderCodec::Lines(l) => l.settings().encode(msg, dst),
             ReaderCodec::Custom(codec) => codec.encode(msg, dst),
         }
     }
@@ -484,15 +510,16 @@ impl FrameReader {
         match &self.codec {
             ReaderCodec::LengthPrefixed(lp) => lp.header(len).map(Some),
             ReaderCodec::Raw => Ok(None),
-            ReaderCodec::Custom(_) => Err(FrameError::Invalid(
-                "a custom codec has no shared header".into(),
+            ReaderCodec::Custom(_) | ReaderCodec::Lines(_) => Err(FrameError::Invalid(
+                "this framing has no shared header".into(),
             )),
         }
     }
 
-    /// Whether messages must go through [`encode`](Self::encode) (custom codec).
+    /// Whether messages must go through [`encode`](Self::encode): a custom
+    /// codec, or lines (whose terminator follows the body).
     pub(crate) fn is_custom(&self) -> bool {
-        matches!(self.codec, ReaderCodec::Custom(_))
+        matches!(self.codec, ReaderCodec::Custom(_) | ReaderCodec::Lines(_))
     }
 }
 

@@ -388,3 +388,77 @@ fn break_hands_back_the_undelivered_rest() {
         }
     }
 }
+
+fn lines() -> [Framing; 2] {
+    [
+        Framing::lines().max_line(5000).into(),
+        Framing::lines().max_line(5000).crlf(true).into(),
+    ]
+}
+
+#[test]
+fn lines_every_split_gives_the_same_lines() {
+    for framing in lines() {
+        check_every_split(&framing, &SIZES, &SHORT);
+    }
+}
+
+#[test]
+fn lines_end_with_lf_or_crlf_and_lose_it() {
+    let f: Framing = Framing::lines().into();
+    let chunks: [&[u8]; 1] = [b"one\ntwo\r\n\r\nthree\rx\n\n"];
+    assert_eq!(
+        collect(&f, &chunks),
+        [&b"one"[..], b"two", b"", b"three\rx", b""]
+    );
+    let mut wire = BytesMut::new();
+    f.reader().encode(b"hi", &mut wire).unwrap();
+    assert_eq!(&wire[..], b"hi\n");
+    let crlf: Framing = Framing::lines().crlf(true).into();
+    let mut wire = BytesMut::new();
+    crlf.reader().encode(b"hi", &mut wire).unwrap();
+    assert_eq!(&wire[..], b"hi\r\n");
+    assert!(matches!(
+        f.reader().encode(b"a\nb", &mut BytesMut::new()),
+        Err(FrameError::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_line_over_the_maximum_is_refused_before_more_is_buffered() {
+    let f: Framing = Framing::lines().max_line(10).into();
+    // Exactly the maximum passes, with LF or CRLF, in any split.
+    let ok = b"0123456789\r\n0123456789\n";
+    for i in 0..=ok.len() {
+        assert_eq!(
+            collect(&f, &[&ok[..i], &ok[i..]]),
+            [&b"0123456789"[..], b"0123456789"],
+            "split at {i}"
+        );
+    }
+    // One more byte is refused as soon as it is there, whether or not the
+    // terminator came, and nothing past the limit is kept.
+    for wire in [&b"0123456789a\n"[..], b"0123456789ab", b"0123456789\r\r"] {
+        for step in [1, 3, wire.len()] {
+            let mut reader = f.reader();
+            let mut err = None;
+            for chunk in wire.chunks(step) {
+                match reader.feed(chunk, |_| panic!("no line here")) {
+                    Ok(()) => assert!(reader.pending_len() <= 11, "{} held", reader.pending_len()),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            assert!(
+                matches!(err, Some(FrameError::TooLarge { max: 10, len }) if len >= 11),
+                "{wire:?} in steps of {step}: {err:?}"
+            );
+        }
+    }
+    // A hostile peer that never sends LF costs the limit, not its stream.
+    let mut reader = f.reader();
+    let flood = vec![b'x'; 1 << 20];
+    assert!(reader.feed(&flood, |_| panic!("no line")).is_err());
+}
