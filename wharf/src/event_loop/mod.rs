@@ -120,6 +120,8 @@ struct Core<H: Handler> {
     due_timers: Vec<(Instant, u64)>,
     /// The periodic tick (`Builder::tick`), and when it is next due.
     tick: Option<(Duration, Instant)>,
+    /// The connections `Tick::for_each` visits (reused from tick to tick).
+    tick_keys: Vec<u32>,
     /// Outbound connects waiting to start: a next address, a reconnect.
     redials: Vec<dial::Redial>,
     /// State of the back-off jitter's generator.
@@ -204,6 +206,7 @@ impl<H: Handler> EventLoop<H> {
                 due: Vec::new(),
                 due_timers: Vec::new(),
                 tick: config.tick.map(|every| (every, now + every)),
+                tick_keys: Vec::new(),
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),
                 early_results: std::collections::HashMap::new(),

@@ -71,11 +71,11 @@ impl<H: Handler> Core<H> {
         }
         self.tick = Some((every, self.now + every));
         let handler = self.handler.clone();
-        let mut tick = Tick {
-            core: self,
-            keys: Vec::new(),
-        };
-        if let Err(why) = contain(|| handler.on_tick(&mut tick)) {
+        let keys = std::mem::take(&mut self.tick_keys);
+        let mut tick = Tick { core: self, keys };
+        let result = contain(|| handler.on_tick(&mut tick));
+        self.tick_keys = tick.keys;
+        if let Err(why) = result {
             let index = self.index;
             self.panicked("on_tick", &format_args!("loop {index}"), &why);
         }
