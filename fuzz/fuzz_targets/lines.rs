@@ -14,50 +14,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering::Relaxed};
 use wharf::fuzzing::Reader;
 use wharf::{FrameError, Framing};
 
-/// Counts the heap bytes allocated and not yet freed while `ARMED`.
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn count(delta: isize) {
-    if ARMED.load(Relaxed) {
-        let live = LIVE.fetch_add(delta, Relaxed) + delta;
-        PEAK.fetch_max(live, Relaxed);
-    }
-}
-
-// SAFETY: every call is passed to the system allocator unchanged; the
-// counter only observes sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size() as isize);
-        // SAFETY: the caller's contract for `alloc`, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(-(layout.size() as isize));
-        // SAFETY: the caller's contract for `dealloc`, passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size as isize - layout.size() as isize);
-        // SAFETY: the caller's contract for `realloc`, passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 /// The lines of the whole stream up to the first one over `max`, and
 /// whether there is one.
@@ -99,32 +64,31 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = Vec::new();
     let mut delivered = 0;
     let mut error = None;
-    LIVE.store(0, Relaxed);
-    PEAK.store(0, Relaxed);
+    counting::reset();
     for piece in stream.chunks(chunk) {
-        ARMED.store(true, Relaxed);
-        let result = reader.feed_until(
-            piece,
-            |line| {
-                assert!(line.len() <= max, "line of {} > max {max}", line.len());
-                assert!(
-                    delivered < expected.len(),
-                    "more lines than the stream holds"
-                );
-                assert_eq!(line, expected[delivered], "line {delivered}");
-                delivered += 1;
-                ControlFlow::Continue(())
-            },
-            &mut rest,
-        );
-        ARMED.store(false, Relaxed);
+        let result = counting::measure(|| {
+            reader.feed_until(
+                piece,
+                |line| {
+                    assert!(line.len() <= max, "line of {} > max {max}", line.len());
+                    assert!(
+                        delivered < expected.len(),
+                        "more lines than the stream holds"
+                    );
+                    assert_eq!(line, expected[delivered], "line {delivered}");
+                    delivered += 1;
+                    ControlFlow::Continue(())
+                },
+                &mut rest,
+            )
+        });
         assert!(rest.is_empty(), "rest filled without a break");
         if let Err(e) = result {
             error = Some(e);
             break; // the engine closes the connection
         }
     }
-    let peak = PEAK.load(Relaxed);
+    let peak = counting::peak();
     // (A small `Vec` starts at 8 bytes of capacity.)
     let bound = 2 * (max + 2 + chunk.min(stream.len())) as isize + 8;
     assert!(
