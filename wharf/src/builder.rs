@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::codec::Framing;
 use crate::event_loop::{EventLoop, LoopConfig};
+use crate::groups::{Backplane, Registry};
 use crate::handle::{Handle, LoopShared, Shared};
 use crate::handler::Handler;
 use crate::id::{next_server_tag, MAX_LOOPS, MAX_SLOTS};
@@ -35,6 +36,17 @@ pub struct Builder {
     workers: usize,
     job_queue: usize,
     tick: Option<Duration>,
+    backplane: BackplaneSlot,
+}
+
+/// The backplane, if any (not `Debug` itself).
+#[derive(Default, Clone)]
+struct BackplaneSlot(Option<Arc<dyn Backplane>>);
+
+impl std::fmt::Debug for BackplaneSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 impl Default for Builder {
@@ -69,6 +81,7 @@ impl Default for Builder {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
             job_queue: 4096,
             tick: None,
+            backplane: BackplaneSlot::default(),
         }
     }
 }
@@ -267,6 +280,15 @@ impl Builder {
         self
     }
 
+    /// Carries groups past this server: what is published here goes to the
+    /// other nodes through `backplane`, and what they publish reaches the
+    /// members here (see [`Backplane`], and `wharf::cluster::Redis` with
+    /// the `redis` feature). Default: none, groups are this server's own.
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = BackplaneSlot(Some(backplane));
+        self
+    }
+
     /// The completion engine (default: [`Backend::Auto`]). The environment
     /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
@@ -354,6 +376,9 @@ impl Builder {
                 }
             }
         }
+        if let Some(b) = &server.handle().shared.groups.backplane {
+            b.attach(server.handle());
+        }
         Ok(server)
     }
 }
@@ -371,6 +396,7 @@ impl Builder {
             conns: ConnCounter::default(),
             limits: self.limits,
             pool: Pool::new(self.workers, self.job_queue),
+            groups: Registry::new(threads, self.backplane.0.clone()),
         });
         Handle { shared }
     }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::codec::{FrameError, FrameReader};
 use crate::error::{CloseReason, SendError};
+use crate::groups::{LoopGroups, Memberships, Outgoing};
 use crate::handle::Handle;
 use crate::id::ConnId;
 use crate::pool::SubmitError;
@@ -40,6 +41,8 @@ pub(crate) struct ConnCtl {
     /// The close asked for is abortive (`Conn::abort`): a reset, nothing
     /// queued is sent.
     pub(crate) abort: bool,
+    /// The groups the connection is in.
+    pub(crate) groups: Memberships,
 }
 
 /// A connection's jobs on the worker pool, by sequence number. Results
@@ -159,6 +162,7 @@ impl ConnCtl {
             shut_write: false,
             write_shut: false,
             abort: false,
+            groups: Memberships::default(),
         }
     }
 
@@ -199,7 +203,7 @@ impl ConnCtl {
     }
 }
 
-fn too_large(e: FrameError) -> SendError {
+pub(crate) fn too_large(e: FrameError) -> SendError {
     match e {
         FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
         FrameError::Invalid(why) => SendError::Encode(why),
@@ -219,6 +223,10 @@ pub struct Conn<'a, S> {
     pub(crate) ctl: &'a mut ConnCtl,
     pub(crate) touched: &'a mut Vec<u32>,
     pub(crate) messages_out: &'a mut u64,
+    /// Group messages not queued to a member over its high-water mark.
+    pub(crate) skipped: &'a mut u64,
+    /// This loop's groups.
+    pub(crate) groups: &'a mut LoopGroups,
     pub(crate) handle: &'a Handle,
     /// The loop's time for this turn.
     pub(crate) now: Instant,
@@ -405,6 +413,93 @@ impl<S> Conn<'_, S> {
             .local_addr()?
             .as_socket()
             .ok_or_else(|| std::io::Error::other("the socket has no IP address"))
+    }
+
+    /// Makes this connection a member of `group` (false if it was one
+    /// already, or is closing). It gets what is published to the group from
+    /// now on, on this server and, with a backplane, on every node; it
+    /// leaves every group when it closes (after `on_close`, which still
+    /// sees them).
+    pub fn join(&mut self, group: &str) -> bool {
+        if !self.ctl.open {
+            return false;
+        }
+        if self.ctl.groups.contains(group) {
+            return false;
+        }
+        let index = self.id.loop_index();
+        let name = self.handle.shared.groups.add(index, group);
+        self.groups.insert(self.slot, name, &mut self.ctl.groups)
+    }
+
+    /// Takes this connection out of `group`; false if it was not in it.
+    pub fn leave(&mut self, group: &str) -> bool {
+        if !self.groups.remove(self.slot, group, &mut self.ctl.groups) {
+            return false;
+        }
+        self.handle
+            .shared
+            .groups
+            .remove(self.id.loop_index(), group);
+        true
+    }
+
+    /// Whether this connection is in `group`.
+    pub fn in_group(&self, group: &str) -> bool {
+        self.ctl.groups.contains(group)
+    }
+
+    /// The groups this connection is in.
+    pub fn groups(&self) -> impl Iterator<Item = &str> {
+        self.ctl.groups.iter()
+    }
+
+    /// Publishes one message to every member of `group` (this connection
+    /// too, if it is one), on every loop and, with a backplane, on every
+    /// node. It is encoded once and shared by all of them. Each publisher
+    /// is heard in the order it published; this connection gets its copy at
+    /// once, in order with its own sends, the members on other connections
+    /// after this callback returns. A member over its high-water mark
+    /// misses it (counted in [`Stats::broadcast_skipped`](crate::Stats)),
+    /// or is closed with `Builder::close_slow_broadcast_peers`. Fails only
+    /// if the message cannot be framed; a group without members takes it
+    /// and drops it.
+    pub fn publish(&mut self, group: &str, msg: &[u8]) -> Result<(), SendError> {
+        let shared = &self.handle.shared;
+        let wire = shared.framing.encode_shared(msg).map_err(too_large)?;
+        let index = self.id.loop_index();
+        if let Some((name, loops)) = shared.groups.loops_of(group) {
+            for i in loops.iter().filter(|&i| i != index) {
+                // A loop that has ended has no members to reach.
+                let _ = shared.loops[i]
+                    .mailbox
+                    .post(crate::mailbox::Command::Publish(name.clone(), wire.clone()));
+            }
+            if loops.contains(index) {
+                let mut skip = None;
+                if self.ctl.groups.contains(group) && self.ctl.open {
+                    skip = Some(self.slot);
+                    if self.ctl.unsent > self.high_water {
+                        *self.skipped += 1;
+                    } else {
+                        self.ctl.send_encoded(wire.clone());
+                        *self.messages_out += 1;
+                        self.touch();
+                    }
+                }
+                if self.groups.count(group) > usize::from(skip.is_some()) {
+                    self.groups.outbox.push(Outgoing {
+                        group: name,
+                        wire,
+                        skip,
+                    });
+                }
+            }
+        }
+        if let Some(b) = &shared.groups.backplane {
+            b.publish(group, msg);
+        }
+        Ok(())
     }
 
     /// The server's handle: broadcast, reach other connections, connect.

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::codec::{FrameError, Framing};
+use crate::codec::Framing;
+use crate::conn::too_large;
 use crate::connect::{Connect, Dial};
 use crate::error::SendError;
 use crate::event_loop::resolve_then_connect;
+use crate::groups::Registry;
 use crate::id::{ConnId, LiveTable};
 use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
@@ -87,19 +89,78 @@ impl Handle {
     /// shared by all of them.
     pub fn broadcast(&self, msg: Bytes) -> Result<(), SendError> {
         self.check_running()?;
-        let wire = self
-            .shared
-            .framing
-            .encode_shared(&msg)
-            .map_err(|e| match e {
-                FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
-                FrameError::Invalid(why) => SendError::Encode(why),
-            })?;
+        let wire = self.shared.framing.encode_shared(&msg).map_err(too_large)?;
         for l in &self.shared.loops {
             // A loop that has ended has no connections to reach.
             let _ = l.mailbox.post(Command::Broadcast(wire.clone()));
         }
         Ok(())
+    }
+
+    /// Makes connection `id` a member of `group` (see [`Conn::join`]). The
+    /// join is carried out on the connection's loop; a publish this thread
+    /// makes afterwards reaches it. Fails if `id` is not open.
+    ///
+    /// [`Conn::join`]: crate::Conn::join
+    pub fn join(&self, id: ConnId, group: &str) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        let index = id.loop_index();
+        // Counted now, so that a publish after this reaches the loop; the
+        // loop uncounts it if the connection is closed or in it already.
+        let name = self.shared.groups.add(index, group);
+        l.mailbox.post(Command::Join(id, name)).map_err(|_| {
+            self.shared.groups.remove(index, group);
+            l.refusal()
+        })
+    }
+
+    /// Takes connection `id` out of `group` (on its loop). Fails if `id` is
+    /// not open.
+    pub fn leave(&self, id: ConnId, group: &str) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        l.mailbox
+            .post(Command::Leave(id, group.to_owned()))
+            .map_err(|_| l.refusal())
+    }
+
+    /// Publishes one message to every member of `group`, on every loop
+    /// and, with a backplane, on every node: encoded once and shared by
+    /// all. Messages one thread publishes arrive in that order. Members
+    /// over their high-water mark miss it, as with
+    /// [`broadcast`](Self::broadcast).
+    pub fn publish(&self, group: &str, msg: &[u8]) -> Result<(), SendError> {
+        self.publish_local(group, msg)?;
+        if let Some(b) = &self.shared.groups.backplane {
+            b.publish(group, msg);
+        }
+        Ok(())
+    }
+
+    /// Publishes to the members of `group` on this server only: for a
+    /// [`Backplane`](crate::Backplane) delivering what another node
+    /// published.
+    pub fn publish_local(&self, group: &str, msg: &[u8]) -> Result<(), SendError> {
+        self.check_running()?;
+        let wire = self.shared.framing.encode_shared(msg).map_err(too_large)?;
+        if let Some((name, loops)) = self.shared.groups.loops_of(group) {
+            for i in loops.iter() {
+                // A loop that has ended has no members to reach.
+                let _ = self.shared.loops[i]
+                    .mailbox
+                    .post(Command::Publish(name.clone(), wire.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Members of `group` on this server (joins in transit included).
+    pub fn group_size(&self, group: &str) -> usize {
+        self.shared.groups.size(group)
+    }
+
+    /// Every group with members on this server, and how many, by name.
+    pub fn groups(&self) -> Vec<(String, usize)> {
+        self.shared.groups.list()
     }
 
     /// Closes connection `id` after what is queued for it has been sent; its
@@ -237,7 +298,8 @@ pub struct Stats {
     pub recv_buffer_waits: u64,
     /// Connections closed by a timeout (idle, first message, write stall).
     pub timed_out: u64,
-    /// Broadcast messages not queued to a peer over its high-water mark.
+    /// Broadcast and group messages not queued to a peer over its
+    /// high-water mark.
     pub broadcast_skipped: u64,
     /// Times accepting paused on an error such as running out of
     /// descriptors (EMFILE).
@@ -377,6 +439,7 @@ pub(crate) struct Shared {
     pub(crate) conns: ConnCounter,
     pub(crate) limits: Limits,
     pub(crate) pool: Pool,
+    pub(crate) groups: Registry,
 }
 
 impl Shared {

@@ -38,6 +38,12 @@ pub(crate) enum Command {
     Send(ConnId, Bytes),
     /// Send bytes already in wire form to every open connection.
     Broadcast(Bytes),
+    /// Send bytes already in wire form to the loop's members of a group.
+    Publish(std::sync::Arc<str>, Bytes),
+    /// Add a connection to a group (counted in the registry already).
+    Join(ConnId, std::sync::Arc<str>),
+    /// Take a connection out of a group.
+    Leave(ConnId, String),
     /// Close a connection after flushing it.
     Disconnect(ConnId),
     /// Open an outbound connection.

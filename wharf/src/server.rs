@@ -84,6 +84,9 @@ impl Server {
         // Every connection is closed: what is queued for the workers is
         // dropped; running jobs get what is left of the deadline.
         self.handle.shared.pool.stop(until);
+        if let Some(b) = &self.handle.shared.groups.backplane {
+            b.detach();
+        }
         if panicked {
             Err(ShutdownError::Panicked)
         } else {

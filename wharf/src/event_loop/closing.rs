@@ -97,10 +97,15 @@ impl<H: Handler> Core<H> {
 
     /// Leaves the open phase. With `flush`, what is queued goes out first;
     /// without, it is dropped. Held input is dropped either way: no message
-    /// is delivered after `on_close`.
+    /// is delivered after `on_close`. The connection leaves its groups
+    /// (after `on_close`, which may still publish to them; or after an
+    /// `on_open` that joined and then refused).
     pub(super) fn start_closing(&mut self, key: u32, flush: bool, peer_done: bool) {
         let slot = &mut self.conns[key as usize];
         slot.ctl.open = false;
+        let registry = &self.handle.shared.groups;
+        self.groups
+            .remove_all(key, &mut slot.ctl.groups, registry, self.index);
         if flush {
             slot.phase = Phase::Closing(Closing::Flushing {
                 // No deadline of its own (a peer that stops reading is cut

@@ -67,6 +67,40 @@ struct ListenerState {
     retry_at: Option<Instant>,
 }
 
+/// One message on its way to many connections of a loop (a broadcast, a
+/// group's members): shared, not copied, and skipped (or the peer closed)
+/// where the peer is over its high-water mark, rather than growing its
+/// queue without bound.
+struct Fanout<'a> {
+    wire: &'a bytes::Bytes,
+    limits: &'a Limits,
+    touched: &'a mut Vec<u32>,
+    counters: &'a mut Counters,
+    /// Peers to close (`close_slow_broadcast_peers`).
+    slow: Vec<u32>,
+}
+
+impl Fanout<'_> {
+    fn queue<S>(&mut self, key: u32, slot: &mut Slot<S>) {
+        if !slot.ctl.open {
+            return;
+        }
+        if slot.ctl.unsent > self.limits.high_water {
+            self.counters.broadcast_skipped += 1;
+            if self.limits.close_slow_broadcast_peers {
+                self.slow.push(key);
+            }
+            return;
+        }
+        slot.ctl.send_encoded(self.wire.clone());
+        self.counters.messages_out += 1;
+        if !slot.ctl.touched {
+            slot.ctl.touched = true;
+            self.touched.push(key);
+        }
+    }
+}
+
 /// Per-loop counters, published to `LoopStats` once per turn.
 #[derive(Default)]
 struct Counters {
@@ -126,6 +160,8 @@ struct Core<H: Handler> {
     redials: Vec<dial::Redial>,
     /// State of the back-off jitter's generator.
     rng: u64,
+    /// The groups of this loop's connections.
+    groups: crate::groups::LoopGroups,
     /// Job results that came back before an earlier job of their
     /// connection, by (slot, sequence number); emptied as they are applied
     /// or their connection closes.
@@ -209,6 +245,7 @@ impl<H: Handler> EventLoop<H> {
                 tick_keys: Vec::new(),
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),
+                groups: Default::default(),
                 early_results: std::collections::HashMap::new(),
                 now,
                 now_tick: 0,
@@ -352,6 +389,9 @@ impl<H: Handler> Core<H> {
                 }
             }
             Command::Broadcast(wire) => self.broadcast(wire),
+            Command::Publish(group, wire) => self.publish_to(&group, &wire, None),
+            Command::Join(id, group) => self.join(id, group),
+            Command::Leave(id, group) => self.leave(id, &group),
             Command::Disconnect(id) => {
                 if let Some(key) = self.lookup(id) {
                     self.close(key, CloseReason::Disconnected, true);
@@ -366,29 +406,75 @@ impl<H: Handler> Core<H> {
     }
 
     fn broadcast(&mut self, wire: bytes::Bytes) {
-        let mut slow = Vec::new();
+        let mut fan = Fanout {
+            wire: &wire,
+            limits: &self.limits,
+            touched: &mut self.touched,
+            counters: &mut self.counters,
+            slow: Vec::new(),
+        };
         for (key, slot) in self.conns.iter_mut() {
-            if !matches!(slot.phase, Phase::Open(_)) {
-                continue;
-            }
-            if slot.ctl.unsent > self.limits.high_water {
-                // A slow peer misses the message (or is closed) rather than
-                // growing its queue without bound.
-                self.counters.broadcast_skipped += 1;
-                if self.limits.close_slow_broadcast_peers {
-                    slow.push(key as u32);
-                }
-                continue;
-            }
-            slot.ctl.send_encoded(wire.clone());
-            self.counters.messages_out += 1;
-            if !slot.ctl.touched {
-                slot.ctl.touched = true;
-                self.touched.push(key as u32);
+            if matches!(slot.phase, Phase::Open(_)) {
+                fan.queue(key as u32, slot);
             }
         }
-        for key in slow {
+        for key in fan.slow {
             self.close(key, CloseReason::SlowPeer, false);
+        }
+    }
+
+    /// Queues `wire` to this loop's members of `group` but `skip`.
+    fn publish_to(&mut self, group: &str, wire: &bytes::Bytes, skip: Option<u32>) {
+        let Some(members) = self.groups.members(group) else {
+            return;
+        };
+        let mut fan = Fanout {
+            wire,
+            limits: &self.limits,
+            touched: &mut self.touched,
+            counters: &mut self.counters,
+            slow: Vec::new(),
+        };
+        for &key in members {
+            if Some(key) != skip {
+                fan.queue(key, &mut self.conns[key as usize]);
+            }
+        }
+        for key in fan.slow {
+            self.close(key, CloseReason::SlowPeer, false);
+        }
+    }
+
+    /// Carries out the publishes that callbacks made this turn.
+    fn run_outbox(&mut self) {
+        while !self.groups.outbox.is_empty() {
+            let outbox = std::mem::take(&mut self.groups.outbox);
+            for out in &outbox {
+                self.publish_to(&out.group, &out.wire, out.skip);
+            }
+        }
+    }
+
+    /// A join posted by `Handle::join`, counted in the registry already.
+    fn join(&mut self, id: ConnId, group: std::sync::Arc<str>) {
+        let joined = match self.lookup(id) {
+            Some(key) => {
+                let slot = &mut self.conns[key as usize];
+                slot.ctl.open && self.groups.insert(key, group.clone(), &mut slot.ctl.groups)
+            }
+            None => false,
+        };
+        if !joined {
+            self.handle.shared.groups.remove(self.index, &group);
+        }
+    }
+
+    fn leave(&mut self, id: ConnId, group: &str) {
+        if let Some(key) = self.lookup(id) {
+            let slot = &mut self.conns[key as usize];
+            if self.groups.remove(key, group, &mut slot.ctl.groups) {
+                self.handle.shared.groups.remove(self.index, group);
+            }
         }
     }
 
@@ -476,6 +562,7 @@ impl<H: Handler> Core<H> {
         // close it carries out starts the closing steps: go round until
         // nothing is left, or leave the rest for a zero-wait next turn.
         for _ in 0..4 {
+            self.run_outbox();
             if self.touched.is_empty() {
                 break;
             }
@@ -495,7 +582,10 @@ impl<H: Handler> Core<H> {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.touched.is_empty() || self.shared().mailbox.has_pending() {
+        if !self.touched.is_empty()
+            || !self.groups.outbox.is_empty()
+            || self.shared().mailbox.has_pending()
+        {
             // Work left, or commands posted before this loop could be woken
             // (before its waker was set): do not sleep on them.
             return Some(Duration::ZERO);
@@ -591,6 +681,7 @@ impl<H: Handler> Core<H> {
     fn close_mailbox(&mut self) {
         let handle = self.handle.clone();
         let shared = &handle.shared.loops[self.index];
+        let shared_groups = &handle.shared.groups;
         for command in shared.mailbox.close() {
             match command {
                 Command::Connect(dial) => self.guard_connect_failed(ConnectFailure {
@@ -602,7 +693,11 @@ impl<H: Handler> Core<H> {
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
                 Command::Adopt(..) => self.counters.refused += 1,
                 Command::JobDone(_) => self.counters.jobs_discarded += 1,
+                // Counted in the registry when posted: uncount it.
+                Command::Join(_, group) => shared_groups.remove(self.index, &group),
                 Command::Broadcast(_)
+                | Command::Publish(..)
+                | Command::Leave(..)
                 | Command::Disconnect(_)
                 | Command::Shutdown(_)
                 | Command::StopReconnect(_) => {}
