@@ -165,6 +165,7 @@ impl LoopSet {
 /// The groups a connection is in (one empty pointer for a connection in
 /// none, so that idle connections pay nothing for groups).
 #[derive(Default)]
+#[allow(clippy::box_collection)] // one pointer, not a Vec's three words
 pub(crate) struct Memberships(Option<Box<Vec<Arc<str>>>>);
 
 impl Memberships {
