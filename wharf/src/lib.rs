@@ -29,6 +29,7 @@
 
 mod backend;
 mod builder;
+pub mod cluster;
 mod codec;
 mod conn;
 mod connect;

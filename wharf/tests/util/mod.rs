@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod counting;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
