@@ -23,7 +23,8 @@ struct Cli {
 enum Command {
     /// Serve an echo: every message goes back to its sender.
     Echo(echo::Args),
-    /// Serve a chat room: every message goes to every connection.
+    /// Serve a chat with rooms (for nc and telnet with `--framing lines`,
+    /// across nodes with `--cluster`), or be its client (`--connect`).
     Chat(chat::Args),
     /// Drive an echo server with load and check every echoed byte.
     Load(wharf_cli::load::Args),

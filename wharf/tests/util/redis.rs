@@ -77,7 +77,7 @@ impl RedisServer {
     fn wait_ready(&self) {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            if self.command(&["PING"]).is_ok() {
+            if self.query::<String>(&["PING"]).is_ok() {
                 return;
             }
             assert!(
@@ -89,23 +89,22 @@ impl RedisServer {
         }
     }
 
-    /// Runs one command; its reply as a string.
-    pub fn command(&self, args: &[&str]) -> redis::RedisResult<String> {
+    /// Runs one command; its reply.
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
         let client = redis::Client::open(self.url())?;
         let mut con = client.get_connection_with_timeout(Duration::from_secs(1))?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        let v: redis::Value = cmd.query(&mut con)?;
-        Ok(format!("{v:?}"))
+        cmd.query(&mut con)
     }
 
     /// Stops the broker (every link to it breaks) and keeps it down.
     pub fn stop(&mut self) {
         if self.external {
             for kind in ["pubsub", "normal"] {
-                let _ = self.command(&["CLIENT", "KILL", "TYPE", kind]);
+                let _ = self.query::<redis::Value>(&["CLIENT", "KILL", "TYPE", kind]);
             }
             return;
         }
