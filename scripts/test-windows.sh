@@ -42,7 +42,7 @@ mkdir -p "$work"
 section "cargo clippy and build for $target"
 cargo clippy --workspace --all-targets --target "$target" -- -D warnings
 cargo build -p wharf-cli --target "$target"
-cargo test -p wharf --target "$target" --no-run --message-format=json >"$work/build.json"
+cargo test -p wharf --features redis --target "$target" --no-run --message-format=json >"$work/build.json"
 mapfile -t tests < <(python3 - "$work/build.json" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
@@ -99,6 +99,7 @@ export WHARF_UNDER_WINE=1
 # Every run below is bounded; this ends the prefix's own wineserver.
 cleanup() {
     [[ -n "${server:-}" ]] && kill -KILL "$server" 2>/dev/null
+    [[ -n "${redis:-}" ]] && kill -KILL "$redis" 2>/dev/null
     wineserver -k 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -107,6 +108,18 @@ if [[ ! -f "$WINEPREFIX/system.reg" ]]; then
     timeout 300 wineboot -i >/dev/null 2>&1 || true
     wineserver -w 2>/dev/null || true
 fi
+
+# --- the broker of the cluster tests -----------------------------------------
+# A Linux redis-server on a free port: the tests under Wine cannot start
+# one themselves (see wharf/tests/util/redis.rs), so they are given its
+# address.
+section "redis-server for the cluster tests"
+bash scripts/need-redis.sh
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+redis=$!
+export WHARF_TEST_REDIS="127.0.0.1:$redis_port"
+echo "redis-server on $WHARF_TEST_REDIS"
 
 # --- the integration suite --------------------------------------------------
 section "unit and integration tests under Wine (IOCP backend)"

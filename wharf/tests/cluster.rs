@@ -286,13 +286,17 @@ fn broker_restart_mid_stream_is_counted_and_recovered() {
         );
         // ... and again in the stream after the broker came back (the links
         // back off up to 800 ms before they retry).
+        // (Under Wine the broker's links are cut, not the broker stopped:
+        // they come back at once and may lose nothing.)
         let gap = got.windows(2).position(|w| w[1] > w[0] + 1);
-        assert!(
-            gap.is_some_and(|i| i + 2 < got.len()),
-            "no delivery after the gap: heard {} of {N}, last {:?}",
-            got.len(),
-            got.last()
-        );
+        if broker.really_stops() {
+            assert!(
+                gap.is_some_and(|i| i + 2 < got.len()),
+                "no delivery after the gap: heard {} of {N}, last {:?}",
+                got.len(),
+                got.last()
+            );
+        }
         // Delivery resumes once both links are back and B subscribed again.
         assert!(a.cluster.wait_linked(Duration::from_secs(20)));
         assert!(b.cluster.wait_linked(Duration::from_secs(20)));
@@ -314,12 +318,8 @@ fn broker_restart_mid_stream_is_counted_and_recovered() {
         let missing = (N + 100 - got.len()) as u64;
         assert_eq!(sb.received, got.len() as u64, "{sb:?}");
         assert_eq!(sb.gaps, missing, "B: {sb:?}, A: {sa:?}");
-        assert!(missing > 0, "the stop lost nothing: it was not a stop");
-        assert!(
-            sa.publish_lost > 0 || sb.reconnects > 0,
-            "A: {sa:?}, B: {sb:?}"
-        );
         if broker.really_stops() {
+            assert!(missing > 0, "the stop lost nothing: it was not a stop");
             assert!(
                 sa.publish_lost > 0,
                 "A published while the broker was down: {sa:?}"

@@ -11,8 +11,8 @@ use crate::peers::ServerKind;
 /// Options of `wharf bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Run the whole matrix (sizes × connections, idle, broadcast) instead
-    /// of the quick preset.
+    /// Run the whole matrix (sizes × connections, idle, broadcast, group,
+    /// across nodes) instead of the quick preset.
     #[arg(long)]
     full: bool,
     /// Servers to run, comma-separated [default: all this system has].
@@ -42,6 +42,14 @@ pub struct Args {
     /// --conns replace the preset.
     #[arg(long, value_name = "N", default_value_t = 0)]
     broadcast: usize,
+    /// Members of the group scenario (0: none): one 1 KiB message
+    /// published to a room of N.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    group: usize,
+    /// Members of the cross-node scenario (0: none): three wharf nodes
+    /// and a redis-server, members on two of them (wharf's servers only).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cross_node: usize,
     /// Do not pin the server and the load generator to CPUs 0 and 1.
     #[arg(long)]
     no_pin: bool,
@@ -58,7 +66,13 @@ impl Args {
         } else {
             Plan::quick(exe)
         };
-        if !self.sizes.is_empty() || !self.conns.is_empty() || self.idle > 0 || self.broadcast > 0 {
+        if !self.sizes.is_empty()
+            || !self.conns.is_empty()
+            || self.idle > 0
+            || self.broadcast > 0
+            || self.group > 0
+            || self.cross_node > 0
+        {
             plan.preset = "custom".into();
             plan.scenarios.clear();
             let sizes = if self.sizes.is_empty() {
@@ -87,6 +101,18 @@ impl Args {
                 plan.scenarios.push(Scenario::Broadcast {
                     size: 1024,
                     connections: self.broadcast,
+                });
+            }
+            if self.group > 0 {
+                plan.scenarios.push(Scenario::Group {
+                    size: 1024,
+                    connections: self.group,
+                });
+            }
+            if self.cross_node > 0 {
+                plan.scenarios.push(Scenario::CrossNode {
+                    size: 1024,
+                    members: self.cross_node,
                 });
             }
         }
@@ -120,6 +146,8 @@ impl Args {
                 Scenario::Echo { size, connections } => (size, connections),
                 Scenario::Idle { connections } => (64, connections),
                 Scenario::Broadcast { size, connections } => (size, connections),
+                Scenario::Group { size, connections } => (size, connections),
+                Scenario::CrossNode { size, members } => (size, members),
             };
             if size == 0 || size > 1 << 20 || n == 0 {
                 return Err(format!("scenario {} cannot run", s.label()).into());

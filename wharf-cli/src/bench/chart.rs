@@ -55,10 +55,10 @@ const PANELS: [Panel; 4] = [
         applies: |s| matches!(s, Scenario::Idle { .. }),
     },
     Panel {
-        title: "Broadcast: ms until every connection has the message (lower is better)",
+        title: "Broadcast and group: ms until every connection has the message (lower is better)",
         unit: "ms",
         pick: |m| m.fanout_ms,
-        applies: |s| matches!(s, Scenario::Broadcast { .. }),
+        applies: |s| matches!(s, Scenario::Broadcast { .. } | Scenario::Group { .. }),
     },
 ];
 

@@ -28,12 +28,13 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts `kind` on a free loopback port, pinned to `cpu` if given,
-    /// relaying instead of echoing if `broadcast`.
+    /// with `extra` options of `wharf peer` (`--broadcast`, `--group`,
+    /// `--cluster URL`).
     pub(crate) fn start(
         exe: &Path,
         kind: ServerKind,
         cpu: Option<usize>,
-        broadcast: bool,
+        extra: &[String],
     ) -> Result<Server, String> {
         let mut cmd = Command::new(exe);
         cmd.arg("peer")
@@ -42,9 +43,7 @@ impl Server {
         if let Some(cpu) = cpu {
             cmd.args(["--cpu", &cpu.to_string()]);
         }
-        if broadcast {
-            cmd.arg("--broadcast");
-        }
+        cmd.args(extra);
         // The name says the backend; the variable would override it.
         cmd.env_remove("WHARF_BACKEND")
             .env("RUST_LOG", "warn")

@@ -16,6 +16,7 @@
 mod args;
 mod chart;
 mod child;
+mod crossnode;
 mod fanout;
 pub(crate) mod os;
 mod results;
@@ -96,8 +97,9 @@ impl Plan {
     }
 
     /// The whole matrix: 64 B, 1 KiB and 16 KiB × 1, 100 and 1,000
-    /// connections, 10,000 idle connections, a 1 KiB broadcast to 5,000;
-    /// 5 rounds of 2 s windows.
+    /// connections, 10,000 idle connections, a 1 KiB broadcast to 5,000,
+    /// a 1 KiB publish to a room of 5,000, and 1 KiB across three nodes to
+    /// 1,000 members through Redis; 5 rounds of 2 s windows.
     pub fn full(exe: PathBuf) -> Plan {
         let mut scenarios = Vec::new();
         for size in [64, 1024, 16 * 1024] {
@@ -111,6 +113,14 @@ impl Plan {
         scenarios.push(Scenario::Broadcast {
             size: 1024,
             connections: 5000,
+        });
+        scenarios.push(Scenario::Group {
+            size: 1024,
+            connections: 5000,
+        });
+        scenarios.push(Scenario::CrossNode {
+            size: 1024,
+            members: 1000,
         });
         Plan {
             preset: "full".into(),
@@ -157,15 +167,16 @@ pub fn run(plan: &Plan) -> Results {
     let total_runs: usize = plan
         .scenarios
         .iter()
-        .map(|s| rounds_of(&plan, s) * plan.servers.len())
+        .map(|s| rounds_of(&plan, s) * servers_of(&plan, s).len())
         .sum();
     let mut done = 0;
     let mut scenarios = Vec::new();
     for &scenario in &plan.scenarios {
         let rounds = rounds_of(&plan, &scenario);
+        let servers = servers_of(&plan, &scenario);
         let mut runs = Vec::new();
         for round in 0..rounds {
-            for &kind in &plan.servers {
+            for &kind in &servers {
                 let run = runs::one(&plan, scenario, kind, round);
                 done += 1;
                 if plan.progress {
@@ -174,7 +185,7 @@ pub fn run(plan: &Plan) -> Results {
                 runs.push(run);
             }
         }
-        scenarios.push(ScenarioResult::new(scenario, &plan.servers, runs));
+        scenarios.push(ScenarioResult::new(scenario, &servers, runs));
     }
     Results {
         meta: Meta {
@@ -197,6 +208,16 @@ pub fn run(plan: &Plan) -> Results {
         },
         scenarios,
     }
+}
+
+/// The servers that run `scenario`: all, or wharf's for what only wharf
+/// has (groups across nodes).
+fn servers_of(plan: &Plan, scenario: &Scenario) -> Vec<ServerKind> {
+    let mut servers = plan.servers.clone();
+    if scenario.wharf_only() {
+        servers.retain(|k| k.is_wharf());
+    }
+    servers
 }
 
 fn rounds_of(plan: &Plan, scenario: &Scenario) -> usize {
@@ -230,7 +251,14 @@ fn progress(
             "{:>8} B/conn",
             m.bytes_per_conn.map_or("-".into(), |v| format!("{v:.0}"))
         ),
-        Scenario::Broadcast { .. } => format!(
+        Scenario::CrossNode { .. } => format!(
+            "p50 {:>6} µs  p99 {:>6} µs  {:>9} deliveries/s",
+            m.p50_us.map_or("-".into(), |v| format!("{v:.0}")),
+            m.p99_us.map_or("-".into(), |v| format!("{v:.0}")),
+            m.deliveries_per_sec
+                .map_or("-".into(), |v| count_label(v as usize)),
+        ),
+        Scenario::Broadcast { .. } | Scenario::Group { .. } => format!(
             "{:>8} ms to all  {:>6} µs/delivery",
             m.fanout_ms.map_or("-".into(), |v| format!("{v:.2}")),
             m.cpu_us_per_msg.map_or("-".into(), |v| format!("{v:.3}")),

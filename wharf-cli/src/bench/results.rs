@@ -77,6 +77,24 @@ pub enum Scenario {
         /// Receiving connections.
         connections: usize,
     },
+    /// One `size`-byte message published to a group every one of
+    /// `connections` connections is in: the time until every one has it
+    /// (the peers, without groups, relay to every connection).
+    Group {
+        /// Message size in bytes.
+        size: usize,
+        /// Members.
+        connections: usize,
+    },
+    /// Three wharf nodes and a Redis: messages published on node A reach
+    /// `members` members, half on node B and half on node C, through the
+    /// broker: latency per delivery and deliveries per second.
+    CrossNode {
+        /// Message size in bytes.
+        size: usize,
+        /// Members on B and C together.
+        members: usize,
+    },
 }
 
 impl Scenario {
@@ -90,7 +108,18 @@ impl Scenario {
             Scenario::Broadcast { size, connections } => {
                 format!("bcast {} → {}", size_label(size), count_label(connections))
             }
+            Scenario::Group { size, connections } => {
+                format!("group {} → {}", size_label(size), count_label(connections))
+            }
+            Scenario::CrossNode { size, members } => {
+                format!("nodes {} → {}", size_label(size), count_label(members))
+            }
         }
+    }
+
+    /// Whether only wharf's servers can run it.
+    pub fn wharf_only(&self) -> bool {
+        matches!(self, Scenario::CrossNode { .. })
     }
 
     /// A sentence for the table's heading.
@@ -110,6 +139,18 @@ impl Scenario {
                 "broadcast: one {} message relayed to {} connections, time until all have it",
                 size_label(size),
                 count_label(connections)
+            ),
+            Scenario::Group { size, connections } => format!(
+                "group: one {} message published to a room of {} members, time until all have it \
+                 (the peers, without groups, relay to every connection)",
+                size_label(size),
+                count_label(connections)
+            ),
+            Scenario::CrossNode { size, members } => format!(
+                "across nodes: {} messages published on node A to a room whose {} members are on \
+                 nodes B and C, through Redis pub/sub",
+                size_label(size),
+                count_label(members)
             ),
         }
     }
@@ -158,11 +199,21 @@ pub struct Metrics {
     pub bytes_per_conn: Option<f64>,
     /// Broadcast: median time until every connection had the message, ms.
     pub fanout_ms: Option<f64>,
+    /// Across nodes: median latency per delivery in µs.
+    #[serde(default)]
+    pub p50_us: Option<f64>,
+    /// Across nodes: deliveries per second with the publisher going flat
+    /// out.
+    #[serde(default)]
+    pub deliveries_per_sec: Option<f64>,
+    /// Across nodes: the broker's CPU time per message published, µs.
+    #[serde(default)]
+    pub broker_cpu_us_per_msg: Option<f64>,
 }
 
 impl Metrics {
     /// The fields, by name, in table order (for code that treats them alike).
-    pub fn fields(&self) -> [(&'static str, Option<f64>); 8] {
+    pub fn fields(&self) -> [(&'static str, Option<f64>); 11] {
         [
             ("messages_per_sec", self.messages_per_sec),
             ("p99_us", self.p99_us),
@@ -172,10 +223,13 @@ impl Metrics {
             ("rss_mib", self.rss_mib),
             ("bytes_per_conn", self.bytes_per_conn),
             ("fanout_ms", self.fanout_ms),
+            ("p50_us", self.p50_us),
+            ("deliveries_per_sec", self.deliveries_per_sec),
+            ("broker_cpu_us_per_msg", self.broker_cpu_us_per_msg),
         ]
     }
 
-    fn from_fields(f: [Option<f64>; 8]) -> Metrics {
+    fn from_fields(f: [Option<f64>; 11]) -> Metrics {
         Metrics {
             messages_per_sec: f[0],
             p99_us: f[1],
@@ -185,13 +239,16 @@ impl Metrics {
             rss_mib: f[5],
             bytes_per_conn: f[6],
             fanout_ms: f[7],
+            p50_us: f[8],
+            deliveries_per_sec: f[9],
+            broker_cpu_us_per_msg: f[10],
         }
     }
 
     /// Field by field median over `runs` (fields missing in a run are
     /// left out; `None` where no run has it).
     pub fn median_of<'a>(runs: impl IntoIterator<Item = &'a Metrics> + Clone) -> Metrics {
-        let mut out = [None; 8];
+        let mut out = [None; 11];
         for (i, slot) in out.iter_mut().enumerate() {
             let values: Vec<f64> = runs
                 .clone()
@@ -207,7 +264,7 @@ impl Metrics {
     /// base is zero).
     pub fn ratio_to(&self, base: &Metrics) -> Metrics {
         let (a, b) = (self.fields(), base.fields());
-        let mut out = [None; 8];
+        let mut out = [None; 11];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = match (a[i].1, b[i].1) {
                 (Some(x), Some(y)) if y != 0.0 => Some(x / y),

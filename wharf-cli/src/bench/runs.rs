@@ -5,9 +5,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::child::Server;
-use super::fanout;
 use super::results::{median, Metrics, Run, Scenario};
 use super::Plan;
+use super::{crossnode, fanout};
 use crate::load::{self, Config, Report};
 use crate::peers::ServerKind;
 
@@ -17,16 +17,26 @@ const BROADCASTS_PER_RUN: usize = 30;
 
 /// Runs `scenario` once against `kind`.
 pub(crate) fn one(plan: &Plan, scenario: Scenario, kind: ServerKind, round: usize) -> Run {
-    let broadcast = matches!(scenario, Scenario::Broadcast { .. });
-    let measured = match Server::start(&plan.exe, kind, plan.server_cpu(), broadcast) {
+    if let Scenario::CrossNode { size, members } = scenario {
+        // Its own servers: three nodes and a broker.
+        return finish(kind, round, cross_node(plan, kind, size, members));
+    }
+    let extra: Vec<String> = match scenario {
+        Scenario::Broadcast { .. } => vec!["--broadcast".into()],
+        Scenario::Group { .. } => vec!["--group".into()],
+        _ => Vec::new(),
+    };
+    let measured = match Server::start(&plan.exe, kind, plan.server_cpu(), &extra) {
         Err(e) => Err(failed(e, Metrics::default())),
         Ok(mut server) => {
             let result = match scenario {
                 Scenario::Echo { size, connections } => echo(plan, &server, size, connections),
                 Scenario::Idle { connections } => idle(plan, &server, connections),
-                Scenario::Broadcast { size, connections } => {
+                Scenario::Broadcast { size, connections }
+                | Scenario::Group { size, connections } => {
                     broadcast_run(&server, size, connections)
                 }
+                Scenario::CrossNode { .. } => unreachable!("run above"),
             };
             let died = !server.alive();
             server.stop();
@@ -36,6 +46,10 @@ pub(crate) fn one(plan: &Plan, scenario: Scenario, kind: ServerKind, round: usiz
             }
         }
     };
+    finish(kind, round, measured)
+}
+
+fn finish(kind: ServerKind, round: usize, measured: Measured) -> Run {
     match measured {
         Ok(metrics) => Run {
             server: kind,
@@ -125,6 +139,19 @@ fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
         ..Metrics::default()
     };
     checked(&report, metrics)
+}
+
+fn cross_node(plan: &Plan, kind: ServerKind, size: usize, members: usize) -> Measured {
+    let out = crossnode::run(&plan.exe, kind, plan.server_cpu(), size, members)
+        .map_err(|e| failed(e, Metrics::default()))?;
+    Ok(Metrics {
+        p50_us: Some(out.p50_us),
+        p99_us: Some(out.p99_us),
+        deliveries_per_sec: Some(out.deliveries_per_sec),
+        cpu_us_per_msg: out.node_cpu_us_per_delivery,
+        broker_cpu_us_per_msg: out.broker_cpu_us_per_msg,
+        ..Metrics::default()
+    })
 }
 
 fn broadcast_run(server: &Server, size: usize, connections: usize) -> Measured {

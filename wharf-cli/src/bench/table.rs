@@ -116,7 +116,32 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
                 count_label(connections)
             );
         }
-        Scenario::Broadcast { .. } => {
+        Scenario::CrossNode { .. } => {
+            let _ = writeln!(
+                out,
+                "  {:<13} {:>9} {:>9} {:>13} {:>16} {:>9}",
+                "server", "p50 µs", "p99 µs", "deliveries/s", "B+C CPU µs/del.", "Redis µs"
+            );
+            for x in &s.summary {
+                let m = &x.median;
+                let _ = write!(
+                    out,
+                    "  {:<13} {:>9} {:>9} {:>13} {:>16} {:>9}",
+                    x.server.name(),
+                    num(m.p50_us, 0),
+                    num(m.p99_us, 0),
+                    num(m.deliveries_per_sec, 0),
+                    num(m.cpu_us_per_msg, 3),
+                    num(m.broker_cpu_us_per_msg, 1),
+                );
+                failures(out, x);
+            }
+            let _ = writeln!(
+                out,
+                "  (latency: publish on A to receipt by each member on B or C, paced; deliveries/s: A publishing with 32 KiB per member in flight;\n   Redis µs: the broker's CPU per message published; all three nodes share the server CPU)"
+            );
+        }
+        Scenario::Broadcast { .. } | Scenario::Group { .. } => {
             let _ = writeln!(
                 out,
                 "  {:<13} {:>12} {:>7} {:>14} {:>7} {:>7}",

@@ -7,7 +7,10 @@
 //! which is byte for byte the same thing. With `--broadcast`, a server
 //! instead relays every message it receives to every connection it has
 //! (the sender too): wharf through [`wharf::Handle::broadcast`], the others
-//! with the obvious loop over their list of connections.
+//! with the obvious loop over their list of connections. With `--group`,
+//! wharf's connections all join one group and every message is published
+//! to it (the peers relay as with `--broadcast`: the same connections);
+//! `--cluster redis://...` spans that group across processes.
 //!
 //! The process prints the address it listens on as its first line of
 //! standard output, then serves until its standard input closes (the bench
@@ -145,6 +148,15 @@ pub struct Args {
     /// Relay every message to every connection instead of echoing it.
     #[arg(long)]
     broadcast: bool,
+    /// Every connection joins one group, and every message is published
+    /// to it (wharf's groups; the peers, which have none, relay to every
+    /// connection as with --broadcast, which is the same set).
+    #[arg(long, conflicts_with = "broadcast")]
+    group: bool,
+    /// With --group, span the group across every process given the same
+    /// Redis (`redis://HOST:PORT`; wharf only).
+    #[arg(long, value_name = "URL", requires = "group")]
+    cluster: Option<String>,
 }
 
 /// What a server does with a message.
@@ -152,6 +164,9 @@ pub struct Args {
 pub(crate) enum Mode {
     Echo,
     Broadcast,
+    /// Publish to the group every connection is in (the peers, which have
+    /// no groups, relay to every connection: the same set).
+    Group,
 }
 
 /// `wharf peer`: serves until standard input closes.
@@ -165,9 +180,14 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let mode = if args.broadcast {
         Mode::Broadcast
+    } else if args.group {
+        Mode::Group
     } else {
         Mode::Echo
     };
+    if args.cluster.is_some() && !args.kind.is_wharf() {
+        return Err(format!("{} has no --cluster", args.kind.name()).into());
+    }
     let ready = |addr: SocketAddr| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{addr}");
@@ -176,7 +196,7 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     };
     match args.kind {
         ServerKind::WharfUring | ServerKind::WharfPoll => {
-            let server = wharf_echo::start(args.kind, args.addr, mode)?;
+            let server = wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref())?;
             ready(server.local_addr());
             exit_when_stdin_closes();
             Ok(())

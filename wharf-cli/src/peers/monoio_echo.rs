@@ -38,7 +38,8 @@ pub(super) fn serve(
             stream.set_nodelay(true)?;
             match mode {
                 Mode::Echo => monoio::spawn(echo(stream)),
-                Mode::Broadcast => monoio::spawn(relay(stream, peers.clone())),
+                // No groups here: the group is every connection.
+                Mode::Broadcast | Mode::Group => monoio::spawn(relay(stream, peers.clone())),
             };
         }
     })

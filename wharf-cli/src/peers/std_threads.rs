@@ -28,7 +28,7 @@ pub(super) fn serve(
     loop {
         let (stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
-        if mode == Mode::Broadcast {
+        if mode != Mode::Echo {
             let clone = stream.try_clone()?;
             peers.lock().unwrap_or_else(|p| p.into_inner()).push(clone);
         }
@@ -59,7 +59,8 @@ fn connection(mut stream: TcpStream, mode: Mode, peers: &Peers) -> io::Result<()
         stream.read_exact(&mut frame[4..])?;
         match mode {
             Mode::Echo => stream.write_all(&frame)?,
-            Mode::Broadcast => {
+            // No groups here: the group is every connection.
+            Mode::Broadcast | Mode::Group => {
                 let mut peers = peers.lock().unwrap_or_else(|p| p.into_inner());
                 peers.retain_mut(|peer| peer.write_all(&frame).is_ok());
             }

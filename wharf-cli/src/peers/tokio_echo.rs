@@ -44,7 +44,10 @@ pub(super) fn serve(
             match (mode, framed) {
                 (Mode::Echo, true) => tokio::spawn(echo_framed(stream)),
                 (Mode::Echo, false) => tokio::spawn(echo_raw(stream)),
-                (Mode::Broadcast, _) => tokio::spawn(relay(stream, framed, peers.clone())),
+                // No groups here: the group is every connection.
+                (Mode::Broadcast | Mode::Group, _) => {
+                    tokio::spawn(relay(stream, framed, peers.clone()))
+                }
             };
         }
     })

@@ -196,7 +196,8 @@ impl Echo {
                 conn.out.push_back(Out::Own { len: n, sent: 0 });
                 self.post_send(slot)
             }
-            Mode::Broadcast => {
+            // No groups here: the group is every connection.
+            Mode::Broadcast | Mode::Group => {
                 let msg: Rc<[u8]> = Rc::from(&conn.buf[..n]);
                 self.post_recv(slot)?;
                 for other in 0..self.conns.len() {

@@ -1,10 +1,13 @@
-//! wharf itself: what `wharf echo --threads 1` serves, or in broadcast mode
-//! what `wharf chat` does (every message to [`Handle::broadcast`]).
+//! wharf itself: what `wharf echo --threads 1` serves; in broadcast mode
+//! every message goes to [`Handle::broadcast`]; in group mode every
+//! connection joins one group and every message is published to it, as a
+//! chat room does (through Redis with a cluster).
 //!
 //! [`Handle::broadcast`]: wharf::Handle::broadcast
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use wharf::{Backend, Bytes, Conn, Handler, Server};
 
@@ -14,8 +17,18 @@ struct Peer {
     mode: Mode,
 }
 
+/// The one group of group mode.
+const ROOM: &str = "room";
+
 impl Handler for Peer {
     type State = ();
+
+    fn on_open(&self, conn: &mut Conn<'_, ()>) -> wharf::Accept {
+        if self.mode == Mode::Group {
+            conn.join(ROOM);
+        }
+        wharf::Accept::Yes
+    }
 
     fn on_message(&self, conn: &mut Conn<'_, ()>, msg: &[u8]) {
         match self.mode {
@@ -29,21 +42,32 @@ impl Handler for Peer {
             Mode::Broadcast => {
                 let _ = conn.handle().broadcast(Bytes::copy_from_slice(msg));
             }
+            Mode::Group => {
+                let _ = conn.publish(ROOM, msg);
+            }
         }
     }
 }
 
 /// Starts one loop on the backend `kind` names.
-pub(super) fn start(kind: ServerKind, addr: SocketAddr, mode: Mode) -> io::Result<Server> {
+pub(super) fn start(
+    kind: ServerKind,
+    addr: SocketAddr,
+    mode: Mode,
+    cluster: Option<&str>,
+) -> io::Result<Server> {
     let backend = match kind {
         ServerKind::WharfPoll => Backend::Poll,
         _ => Backend::Uring,
     };
-    let server = Server::builder()
-        .threads(1)
-        .backend(backend)
-        .bind(addr)?
-        .start(Peer { mode })?;
+    let mut builder = Server::builder().threads(1).backend(backend);
+    if let Some(url) = cluster {
+        let redis = wharf::cluster::Redis::new(url)
+            .map_err(|e| io::Error::other(format!("--cluster {url}: {e}")))?
+            .namespace("wharf-bench");
+        builder = builder.backplane(Arc::new(redis));
+    }
+    let server = builder.bind(addr)?.start(Peer { mode })?;
     // WHARF_BACKEND overrides the builder: a run on another backend than
     // the one named would be reported under the wrong name.
     if server.backend() != backend {
