@@ -6,10 +6,11 @@
 //! generator's output): the server's limits, the driver's quirks, then
 //! steps — clients connect, write frames in arbitrary splits, half-close,
 //! reset, read slowly or not at all, time passes; the host sends to them,
-//! disconnects them, broadcasts, dials out, shuts down or breaks the
-//! driver. The handler echoes every message; a message starting with `C`
-//! is echoed and then closes its connection, one starting with `P` panics
-//! (when panics are allowed). The run ends with a shutdown.
+//! disconnects them, broadcasts, joins them to groups and publishes, dials
+//! out, shuts down or breaks the driver. The handler echoes every message;
+//! a message starting with `C` is echoed and then closes its connection,
+//! one starting with `J` joins its connection to a group, one starting
+//! with `P` panics (when panics are allowed). The run ends with a shutdown.
 //!
 //! The oracle then checks, for every client: the messages delivered are a
 //! prefix of the whole frames it wrote, byte for byte, and all of them if it
@@ -17,9 +18,10 @@
 //! the messages delivered, whenever the close flushes and nothing cut the
 //! flush; `on_close` ran once, with a reason its script explains, and no
 //! message came after it; an idle timeout never fired early; host sends
-//! and broadcasts arrived in order and at most once. And for the server:
-//! no id is still open, no connection is still counted, and a loop whose
-//! driver failed refuses sends with `LoopFailed`.
+//! and broadcasts arrived in order and at most once; group messages too,
+//! and only to clients that were asked to join. And for the server: no id
+//! is still open, no connection is still counted, no membership is left,
+//! and a loop whose driver failed refuses sends with `LoopFailed`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -115,6 +117,16 @@ pub(crate) enum Step {
         client: usize,
     },
     Broadcast,
+    /// The host joins (or takes out) a client to group 0 or 1.
+    Join {
+        client: usize,
+        group: u8,
+        leave: bool,
+    },
+    /// The host publishes to group 0 or 1.
+    Publish {
+        group: u8,
+    },
     Shutdown(Duration),
     Dial {
         ok: bool,
@@ -194,7 +206,7 @@ impl Plan {
                         l => (l as usize - 199) * 64,
                     }
                     .min(max_frame);
-                    let kind = input.pick(b"eeeeeeeeeeeeeeCP");
+                    let kind = input.pick(b"eeeeeeeeeeeeeCJP");
                     let bodies = (0..count)
                         .map(|_| {
                             messages += 1;
@@ -221,6 +233,17 @@ impl Plan {
                 14 => Step::HostSend { client },
                 15 if rare(&mut input) => Step::Disconnect { client },
                 16 => Step::Broadcast,
+                12 => {
+                    let b = input.byte();
+                    Step::Join {
+                        client,
+                        group: b & 1,
+                        leave: b & 6 == 6,
+                    }
+                }
+                13 => Step::Publish {
+                    group: input.byte() & 1,
+                },
                 17 if rare(&mut input) => {
                     Step::Shutdown(Duration::from_millis(input.byte() as u64 * 10))
                 }
@@ -250,6 +273,9 @@ impl Plan {
         Plan::from_bytes(&bytes, panics)
     }
 }
+
+/// The groups of the scripted runs.
+const GROUPS: [&str; 2] = ["g0", "g1"];
 
 /// A message body: its kind, then a pattern unique to the message.
 fn body(kind: u8, n: usize, len: usize) -> Vec<u8> {
@@ -322,6 +348,9 @@ impl Handler for Echo {
         if msg.first() == Some(&b'C') {
             conn.close();
         }
+        if msg.first() == Some(&b'J') {
+            conn.join(GROUPS[0]);
+        }
     }
 
     fn on_close(&self, conn: &mut Conn<'_, ()>, reason: CloseReason) {
@@ -349,6 +378,9 @@ struct Client {
     reset: bool,
     /// A `Disconnect` step named it.
     disconnected: bool,
+    /// It was ever asked to join group 0 or 1 (by the host, or by a `J`
+    /// message it wrote).
+    joined: [bool; 2],
 }
 
 /// What a run did, for [`check`].
@@ -399,6 +431,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
             Step::Frames { client, bodies } => {
                 for b in bodies {
                     let c = &mut clients[*client];
+                    c.joined[0] |= b.first() == Some(&b'J');
                     c.pending.extend_from_slice(&(b.len() as u32).to_be_bytes());
                     c.pending.extend_from_slice(b);
                 }
@@ -474,6 +507,37 @@ pub(crate) fn run(plan: &Plan) -> Run {
                     let _ = handle.broadcast(Bytes::from(msg));
                 })));
             }
+            Step::Join {
+                client,
+                group,
+                leave,
+            } => {
+                clients[*client].joined[*group as usize] = true;
+                let (h, r) = (handle_cell.clone(), records.clone());
+                let addr = fake::client_addr(*client);
+                let (group, leave) = (GROUPS[*group as usize], *leave);
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let id = r.lock().unwrap().conns.get(&addr).map(|c| c.id);
+                    if let Some(id) = id {
+                        let _ = if leave {
+                            handle.leave(id, group)
+                        } else {
+                            handle.join(id, group)
+                        };
+                    }
+                })));
+            }
+            Step::Publish { group } => {
+                host_seq += 1;
+                let msg = [&[0xFF, 3, *group][..], &host_seq.to_be_bytes()].concat();
+                let h = handle_cell.clone();
+                let group = GROUPS[*group as usize];
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    let _ = handle.publish(group, &msg);
+                })));
+            }
             Step::Shutdown(d) => {
                 shut = true;
                 ops.push(shutdown_op(&handle_cell, &clock, *d));
@@ -535,6 +599,17 @@ impl Run {
         let world = self.world.borrow_mut();
         let read: usize = world.peers.iter().map(|p| p.received.len()).sum();
         *t.entry("bytes read back".into()).or_default() += read as u64;
+        let published: usize = world
+            .peers
+            .iter()
+            .map(|p| {
+                let (out, _) = frames(&p.received, usize::MAX);
+                out.iter()
+                    .filter(|m| m.len() == 7 && m[..2] == [0xFF, 3])
+                    .count()
+            })
+            .sum();
+        *t.entry("group messages read".into()).or_default() += published as u64;
         *t.entry("failed loops".into()).or_default() += world.failed as u64;
     }
 }
@@ -718,6 +793,23 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
                 )));
             }
         }
+        for group in 0..2u8 {
+            let got: Vec<u32> = out
+                .iter()
+                .filter(|m| m.len() == 7 && m[..3] == [0xFF, 3, group])
+                .map(|m| u32::from_be_bytes(m[3..7].try_into().unwrap()))
+                .collect();
+            if got.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(what(format!(
+                    "publishes to group {group} out of order or twice: {got:?}"
+                )));
+            }
+            if !got.is_empty() && !client.joined[group as usize] {
+                return Err(what(format!(
+                    "got publishes to group {group}, which it never joined: {got:?}"
+                )));
+            }
+        }
         if run.handle.is_open(c.id) {
             return Err(what("its id still looks open".into()));
         }
@@ -726,6 +818,12 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             Err(SendError::Stopped | SendError::Closed) if !run.failed => {}
             other => return Err(what(format!("a send after the end returned {other:?}"))),
         }
+    }
+    if !run.handle.groups().is_empty() {
+        return Err(format!(
+            "memberships left after every connection closed: {:?}",
+            run.handle.groups()
+        ));
     }
     if run.handle.connections() != 0 {
         return Err(format!(
