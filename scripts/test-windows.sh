@@ -99,7 +99,10 @@ export WHARF_UNDER_WINE=1
 # Every run below is bounded; this ends the prefix's own wineserver.
 cleanup() {
     [[ -n "${server:-}" ]] && kill -KILL "$server" 2>/dev/null
-    [[ -n "${redis:-}" ]] && kill -KILL "$redis" 2>/dev/null
+    if [[ -n "${redis:-}" ]]; then
+        kill -KILL "$redis" 2>/dev/null
+        wait "$redis" 2>/dev/null
+    fi
     wineserver -k 2>/dev/null || true
 }
 trap cleanup EXIT

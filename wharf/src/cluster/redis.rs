@@ -196,7 +196,14 @@ impl Redis {
 impl Backplane for Redis {
     fn attach(&self, handle: Handle) {
         let inner = &self.inner;
-        *inner.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        {
+            let mut attached = inner.handle.lock().unwrap_or_else(|p| p.into_inner());
+            if attached.is_some() || inner.stopping.load(Ordering::Acquire) {
+                tracing::error!("cluster: a Redis backplane serves one server, once; ignored");
+                return;
+            }
+            *attached = Some(handle);
+        }
         let (tx, rx) = mpsc::sync_channel(inner.queue_len);
         *inner.lock_sender() = Some(tx);
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,7 +302,12 @@ impl Inner {
 
     fn connect(&self) -> redis::RedisResult<Connection> {
         let con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        // A broker that vanishes without a word (a host gone, a cable
+        // pulled) must not hold a thread forever: no write or reply takes
+        // longer than this on a live link, whose heartbeats come every
+        // half second.
         con.set_write_timeout(Some(SILENCE))?;
+        con.set_read_timeout(Some(SILENCE))?;
         Ok(con)
     }
 
