@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use redis::{Client, Connection};
 
-use super::{decode, encode, ClusterStats, Seen, Sequences};
+use super::wire::{decode, encode, Seen, Sequences};
+use super::ClusterStats;
 use crate::groups::Backplane;
 use crate::handle::Handle;
 
