@@ -213,6 +213,73 @@ server=""
 tr -d '\r' <"$work/echo.log" | grep -v '^conns ' || true
 [[ $roundtrip == ok ]] && passed=$((passed + 1)) || failed=$((failed + 1))
 
+# --- the chat, as people use it: nc-style clients on its line protocol -----
+# wharf.exe chat --framing lines under Wine (IOCP), two clients from Linux:
+# nicks, a room, a line said in it, a notice for an unknown command.
+section "wharf.exe chat --framing lines under Wine, nc-style clients"
+chat=ok
+wine "$out/wharf.exe" chat --framing lines --addr 127.0.0.1:0 --threads 2 --duration 30 \
+    >"$work/chat.log" 2>&1 &
+server=$!
+addr=""
+for _ in $(seq 300); do
+    addr=$(tr -d '\r' <"$work/chat.log" | sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' | head -1)
+    [[ -n "$addr" ]] && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+done
+if [[ -z "$addr" ]]; then
+    echo "FAILED: wharf.exe chat printed no address"
+    chat=failed
+elif ! timeout 60 python3 - "$addr" <<'PY'
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+
+class Nc:
+    def __init__(self):
+        self.s = socket.create_connection((host, int(port)), timeout=20)
+        self.buf = b""
+    def say(self, text):
+        self.s.sendall(text.encode() + b"\r\n")
+    def line(self):
+        while b"\r\n" not in self.buf:
+            d = self.s.recv(65536)
+            if not d:
+                sys.exit("the chat closed the connection")
+            self.buf += d
+        l, self.buf = self.buf.split(b"\r\n", 1)
+        return l.decode()
+    def until(self, want):
+        while True:
+            l = self.line()
+            if l == want:
+                return
+            if not l.startswith("* "):
+                sys.exit(f"got {l!r} waiting for {want!r}")
+
+a, b = Nc(), Nc()
+for c, nick in ((a, "alice"), (b, "bob")):
+    c.say(f"/nick {nick}")
+    c.say("/join wine")
+    c.until(f"* {nick} joined [wine]")
+a.until("* bob joined [wine]")
+a.say("hello from linux")
+for c in (a, b):
+    c.until("[wine] alice: hello from linux")
+b.say("/frobnicate")
+b.until("* unknown command /frobnicate: /help lists the commands")
+print("chat under Wine: nicks, a room, a line said in it, a notice")
+PY
+then
+    chat=failed
+fi
+# (The clean exit is the echo's test above; this one is stopped.)
+kill -KILL "$server" 2>/dev/null || true
+wait "$server" 2>/dev/null || true
+wineserver -k 2>/dev/null || true
+server=""
+[[ $chat == ok ]] && passed=$((passed + 1)) || failed=$((failed + 1))
+
 section "summary (Wine is not Windows: these are functional results, not speed)"
 echo "skipped under Wine (each test says why):"
 for exe in "${tests[@]}"; do
@@ -224,6 +291,7 @@ if ((${#failures[@]})); then
     echo "failed test binaries: ${failures[*]}"
 fi
 echo "round trip (wharf.exe echo + wharf.exe load): $roundtrip"
+echo "chat (wharf.exe chat --framing lines, nc-style clients): $chat"
 echo "ignored (#[ignore], long variants, as on Linux): $ignored"
 echo "windows: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -343,5 +343,33 @@ fn three_nodes_through_redis() {
         if c.lines.read_line(&mut l).is_ok_and(|n| n > 0) {
             assert!(l.starts_with("* "), "{me} got an extra line {l:?}");
         }
+        c.out
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+    }
+    // A node that dies without a goodbye (SIGKILL) leaves no subscription
+    // behind on the broker, and the others go on.
+    let mut nodes = nodes;
+    let mut dead = nodes.remove(0);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, subscribers): (String, i64) = broker
+            .query(&["PUBSUB", "NUMSUB", "wharf-chat:g:lobby"])
+            .unwrap();
+        if subscribers == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{subscribers} subscribers after a node died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    people[2].1.say("after the fall");
+    for (me, c) in &mut people[2..] {
+        let l = c.until(|l| !l.starts_with("* "));
+        assert_eq!(l, "[lobby] p10: after the fall", "{me}");
     }
 }

@@ -158,7 +158,13 @@ impl LoopSet {
     }
 
     pub(crate) fn iter(self) -> impl Iterator<Item = usize> {
-        (0..crate::id::MAX_LOOPS).filter(move |&i| self.contains(i))
+        self.0.into_iter().enumerate().flat_map(|(w, mut bits)| {
+            std::iter::from_fn(move || {
+                let bit = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
+                bits &= bits - 1;
+                Some(w * 64 + bit)
+            })
+        })
     }
 }
 
@@ -271,5 +277,37 @@ impl LoopGroups {
     /// Members of `group` on this loop.
     pub(crate) fn count(&self, group: &str) -> usize {
         self.members.get(group).map_or(0, |s| s.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loop_sets_list_what_they_hold() {
+        let mut set = LoopSet::default();
+        assert_eq!(set.iter().count(), 0);
+        for i in [0, 3, 63, 64, 130, 255] {
+            set.insert(i);
+        }
+        assert_eq!(set.iter().collect::<Vec<_>>(), [0, 3, 63, 64, 130, 255]);
+        assert!(set.contains(130) && !set.contains(131));
+    }
+
+    #[test]
+    fn the_registry_counts_per_loop_and_forgets_empty_groups() {
+        let r = Registry::new(3, None);
+        let a = r.add(0, "a");
+        let a2 = r.add(2, "a");
+        assert!(Arc::ptr_eq(&a, &a2), "one name, shared");
+        r.add(2, "b");
+        let (_, loops) = r.loops_of("a").unwrap();
+        assert_eq!(loops.iter().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!((r.size("a"), r.size("b"), r.size("c")), (2, 1, 0));
+        r.remove(0, "a");
+        r.remove(2, "a");
+        assert!(r.loops_of("a").is_none());
+        assert_eq!(r.list(), [("b".to_string(), 1)]);
     }
 }

@@ -5,7 +5,10 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # struct Chat;
-//! # impl wharf::Handler for Chat { type State = (); }
+//! # impl wharf::Handler for Chat {
+//! #     type State = ();
+//! #     fn on_message(&self, _: &mut wharf::Conn<'_, ()>, _: &[u8]) {}
+//! # }
 //! use std::sync::Arc;
 //! let cluster = Arc::new(wharf::cluster::Redis::new("redis://10.0.0.9:6379")?);
 //! let server = wharf::Server::builder()
