@@ -101,7 +101,7 @@ cleanup() {
     [[ -n "${server:-}" ]] && kill -KILL "$server" 2>/dev/null
     if [[ -n "${redis:-}" ]]; then
         kill -KILL "$redis" 2>/dev/null
-        wait "$redis" 2>/dev/null
+        wait "$redis" 2>/dev/null || true
     fi
     wineserver -k 2>/dev/null || true
 }
