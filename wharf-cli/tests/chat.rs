@@ -347,8 +347,14 @@ fn three_nodes_through_redis() {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
     }
+    // /rooms and /who count every node's members (asked of the broker).
+    rooms_become(&mut people[2].1, "* rooms on all nodes: lobby (6)");
+    people[2].1.say("/who");
+    let who = people[2].1.until(|l| l.starts_with("* in [lobby]"));
+    assert_eq!(who, "* in [lobby] on this node: p10, p11; 6 on all nodes");
     // A node that dies without a goodbye (SIGKILL) leaves no subscription
-    // behind on the broker, and the others go on.
+    // behind on the broker, its members drop out of the counts within the
+    // presence TTL (10 s), and the others go on.
     let mut nodes = nodes;
     let mut dead = nodes.remove(0);
     dead.child.kill().unwrap();
@@ -367,9 +373,25 @@ fn three_nodes_through_redis() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    rooms_become(&mut people[2].1, "* rooms on all nodes: lobby (4)");
     people[2].1.say("after the fall");
     for (me, c) in &mut people[2..] {
         let l = c.until(|l| !l.starts_with("* "));
         assert_eq!(l, "[lobby] p10: after the fall", "{me}");
+    }
+}
+
+/// Asks `/rooms` until the answer is `want` (the cluster's counts are
+/// refreshed every few seconds), for up to 20 s.
+fn rooms_become(c: &mut Nc, want: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.say("/rooms");
+        let got = c.until(|l| l.starts_with("* rooms on"));
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < end, "rooms: {got:?}, never {want:?}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 }

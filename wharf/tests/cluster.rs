@@ -58,7 +58,12 @@ struct Node {
 }
 
 fn node(backend: Backend, broker: &RedisServer, handler: Member) -> Node {
-    let cluster = Arc::new(Redis::new(&broker.url()).unwrap().namespace("test"));
+    let cluster = Arc::new(
+        Redis::new(&broker.url())
+            .unwrap()
+            .namespace("test")
+            .presence_ttl(Duration::from_secs(2)),
+    );
     let server = Server::builder()
         .backend(backend)
         .threads(2)
@@ -144,6 +149,13 @@ fn three_nodes_deliver_every_message_once_in_order() {
                 .cluster
                 .wait_subscribed("elsewhere", Duration::from_secs(10)));
         }
+        // Every node sees the whole cluster's counts.
+        let everyone = vec![("elsewhere".to_string(), 3), ("room".to_string(), 12)];
+        for node in &nodes {
+            wait_until(10, "the cluster's counts", || {
+                node.cluster.cluster_groups().unwrap() == everyone
+            });
+        }
         // Every member publishes a burst to the room.
         for (name, c) in &mut members {
             let mut burst = Vec::new();
@@ -179,11 +191,17 @@ fn three_nodes_deliver_every_message_once_in_order() {
             wait_until(10, "the unsubscribe", || {
                 node.cluster.stats().subscriptions == 1
             });
+            wait_until(10, "the counts without them", || {
+                node.cluster.cluster_groups().unwrap() == [("room".to_string(), 12)]
+            });
         }
+        let asker = nodes[0].cluster.clone();
         for node in nodes {
             node.server.shutdown(Duration::from_secs(2)).unwrap();
             assert_eq!(node.cluster.stats().subscriptions, 0);
         }
+        // A node that stops takes its counts out at once.
+        assert_eq!(asker.cluster_groups().unwrap(), []);
     });
 }
 

@@ -77,7 +77,10 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let tag = cluster
         .as_ref()
         .map_or(String::new(), |c| format!("@{:04x}", c.node() >> 48));
-    let server = args.serve.bind(builder)?.start(Chat::new(tag))?;
+    let server = args
+        .serve
+        .bind(builder)?
+        .start(Chat::new(tag, cluster.clone()))?;
     serve::announce("chat", &server);
     if let Some(c) = &cluster {
         if c.wait_linked(Duration::from_secs(5)) {

@@ -5,8 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use wharf::cluster::Redis;
 use wharf::{CloseReason, Conn, ConnId, Handler};
 
 /// The longest line said in a room, in bytes: a longer one gets a notice.
@@ -30,16 +31,43 @@ pub(crate) struct Chat {
     /// node, `@` and the node's short id in a cluster (so that guests on
     /// different nodes are told apart).
     node_tag: String,
+    /// The cluster, if any: `/rooms` and `/who` count every node's members.
+    cluster: Option<Arc<Redis>>,
     /// The nicks in each room on this node, for `/who`.
     here: Mutex<HashMap<String, BTreeMap<ConnId, String>>>,
 }
 
 impl Chat {
-    /// A chat whose guests are `guest-N` followed by `node_tag`.
-    pub(crate) fn new(node_tag: String) -> Chat {
+    /// A chat whose guests are `guest-N` followed by `node_tag`, on one
+    /// node or in `cluster`.
+    pub(crate) fn new(node_tag: String, cluster: Option<Arc<Redis>>) -> Chat {
         Chat {
             node_tag,
+            cluster,
             ..Chat::default()
+        }
+    }
+
+    /// Sends the notice `answer` makes of the cluster's member counts per
+    /// room, asked of the broker on the worker pool (a loop never waits
+    /// for the network); on one node, the notice of `None` at once.
+    fn with_cluster_counts(
+        &self,
+        conn: &mut Conn<'_, Member>,
+        answer: impl FnOnce(Option<Result<Vec<(String, u64)>, String>>) -> String + Send + 'static,
+    ) {
+        let Some(cluster) = self.cluster.clone() else {
+            return notice(conn, &answer(None));
+        };
+        let asked = conn.submit(move || {
+            let text = answer(Some(cluster.cluster_groups().map_err(|e| e.to_string())));
+            move |conn: &mut Conn<'_, Member>| notice(conn, &text)
+        });
+        if let Err(e) = asked {
+            notice(
+                conn,
+                &format!("the server is too busy to ask the cluster: {e}"),
+            );
         }
     }
 
@@ -123,13 +151,20 @@ impl Chat {
                 self.enter(conn, LOBBY);
             }
             "/rooms" => {
-                let rooms: Vec<String> = conn
+                let here: Vec<(String, u64)> = conn
                     .handle()
                     .groups()
                     .into_iter()
-                    .map(|(room, n)| format!("{room} ({n})"))
+                    .map(|(room, n)| (room, n as u64))
                     .collect();
-                notice(conn, &format!("rooms on this node: {}", rooms.join(", ")));
+                self.with_cluster_counts(conn, move |all| match all {
+                    Some(Ok(all)) => format!("rooms on all nodes: {}", list(&all)),
+                    Some(Err(e)) => format!(
+                        "rooms on this node: {} (the cluster's broker did not answer: {e})",
+                        list(&here)
+                    ),
+                    None => format!("rooms on this node: {}", list(&here)),
+                });
             }
             "/who" => {
                 let room = conn.state().room.clone();
@@ -139,10 +174,15 @@ impl Chat {
                     .map(|n| n.values().cloned().collect())
                     .unwrap_or_default();
                 nicks.sort();
-                notice(
-                    conn,
-                    &format!("in [{room}] on this node: {}", nicks.join(", ")),
-                );
+                let here = format!("in [{room}] on this node: {}", nicks.join(", "));
+                self.with_cluster_counts(conn, move |all| match all {
+                    Some(Ok(all)) => {
+                        let n = all.iter().find(|(r, _)| *r == room).map_or(0, |(_, n)| *n);
+                        format!("{here}; {n} on all nodes")
+                    }
+                    Some(Err(e)) => format!("{here} (the cluster's broker did not answer: {e})"),
+                    None => here,
+                });
             }
             "/help" => notice(
                 conn,
@@ -232,6 +272,12 @@ fn name(conn: &mut Conn<'_, Member>, arg: &str, usage: &str) -> Option<String> {
         );
         None
     }
+}
+
+/// "lobby (3), rust (1)".
+fn list(rooms: &[(String, u64)]) -> String {
+    let v: Vec<String> = rooms.iter().map(|(r, n)| format!("{r} ({n})")).collect();
+    v.join(", ")
 }
 
 /// A notice to this connection only.

@@ -43,9 +43,18 @@
 //! first member joining subscribes, the last leaving unsubscribes, within
 //! one round trip to the broker. A member hears what other nodes publish
 //! once its node's subscription is in place ([`Redis::wait_subscribed`]).
-//! A node that dies leaves nothing behind: Redis drops its subscriptions
-//! with its connection, and what other nodes kept of it (its sequence
-//! numbers) is forgotten after two minutes without a message from it.
+//!
+//! Member counts across the cluster ([`Redis::cluster_groups`]): each node
+//! keeps its own counts in Redis, in a hash that expires unless refreshed
+//! (every third of [`Redis::presence_ttl`], 10 s by default), and in a set
+//! of nodes scored by expiry that every node prunes as it refreshes.
+//!
+//! A node that dies leaves nothing that grows: Redis drops its
+//! subscriptions with its connection, its counts expire within the TTL,
+//! its entry in the set of nodes is pruned a TTL later, and what other
+//! nodes kept of it (its sequence numbers) is forgotten after two minutes
+//! without a message from it. A node that stops takes its counts out at
+//! once.
 
 #[cfg(feature = "redis")]
 mod redis;

@@ -81,6 +81,11 @@ struct Inner {
     gaps: AtomicU64,
     stale: AtomicU64,
     reconnects: AtomicU64,
+    /// How long this node's presence (its member counts) lives in Redis
+    /// without a refresh.
+    presence_ttl: Duration,
+    /// A connection for `cluster_groups`, made on first use.
+    queries: Mutex<Option<Connection>>,
 }
 
 enum Out {
@@ -116,6 +121,8 @@ impl Redis {
                 gaps: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
                 reconnects: AtomicU64::new(0),
+                presence_ttl: Duration::from_secs(10),
+                queries: Mutex::new(None),
             }),
             threads: Mutex::new(Vec::new()),
         })
@@ -133,6 +140,37 @@ impl Redis {
     pub fn queue(mut self, messages: usize) -> Self {
         self.inner_mut().queue_len = messages.max(1);
         self
+    }
+
+    /// How long a node's member counts stay in Redis without a refresh
+    /// (default 10 s; each node refreshes its own every third of it): the
+    /// longest a dead node's members are still counted by
+    /// [`cluster_groups`](Self::cluster_groups).
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.inner_mut().presence_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Members per group on every node of the cluster, by name: the sum of
+    /// what each live node last wrote of its own (refreshed every third of
+    /// [`presence_ttl`](Self::presence_ttl), so a join or a leave shows
+    /// within that; a node that died drops out within the TTL).
+    ///
+    /// This asks the broker and waits for it (one or two round trips):
+    /// call it off the loops, from a job on the worker pool
+    /// (`Conn::submit`) or a thread of your own.
+    pub fn cluster_groups(&self) -> redis::RedisResult<Vec<(String, u64)>> {
+        let i = &self.inner;
+        let mut link = i.queries.lock().unwrap_or_else(|p| p.into_inner());
+        if link.is_none() {
+            *link = Some(i.connect()?);
+        }
+        let con = link.as_mut().expect("connected above");
+        let result = i.read_presence(con);
+        if result.is_err() {
+            *link = None; // a fresh connection next time
+        }
+        result
     }
 
     fn inner_mut(&mut self) -> &mut Inner {
@@ -291,6 +329,93 @@ impl Inner {
         format!("{}:g:{group}", self.namespace)
     }
 
+    fn presence_key(&self, node: &str) -> String {
+        format!("{}:presence:{node}", self.namespace)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.namespace)
+    }
+
+    fn node_name(&self) -> String {
+        format!("{:016x}", self.node)
+    }
+
+    /// Writes this node's member counts (a hash that expires unless
+    /// refreshed) and its entry in the cluster's set of nodes (scored by
+    /// when it expires, so that any node can drop the dead), in one
+    /// transaction.
+    fn write_presence(&self, con: &mut Connection) -> redis::RedisResult<()> {
+        let groups = match self
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(h) => h.groups(),
+            None => Vec::new(),
+        };
+        let key = self.presence_key(&self.node_name());
+        let ttl = self.presence_ttl.as_millis() as u64;
+        let now = unix_ms();
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&key).ignore();
+        if !groups.is_empty() {
+            let cmd = pipe.cmd("HSET").arg(&key);
+            for (group, n) in &groups {
+                cmd.arg(group).arg(*n as u64);
+            }
+            cmd.ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl).ignore();
+        }
+        let nodes = self.nodes_key();
+        pipe.cmd("ZADD")
+            .arg(&nodes)
+            .arg(now + ttl)
+            .arg(self.node_name())
+            .ignore();
+        // Entries a TTL past their expiry: nodes that died (the margin
+        // allows for clocks a TTL apart).
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&nodes)
+            .arg("-inf")
+            .arg(now.saturating_sub(ttl))
+            .ignore();
+        pipe.query(con)
+    }
+
+    /// Takes this node out at once (it is stopping).
+    fn erase_presence(&self, con: &mut Connection) -> redis::RedisResult<()> {
+        redis::pipe()
+            .cmd("DEL")
+            .arg(self.presence_key(&self.node_name()))
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.nodes_key())
+            .arg(self.node_name())
+            .ignore()
+            .query(con)
+    }
+
+    fn read_presence(&self, con: &mut Connection) -> redis::RedisResult<Vec<(String, u64)>> {
+        let ttl = self.presence_ttl.as_millis() as u64;
+        let nodes: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.nodes_key())
+            .arg(unix_ms().saturating_sub(ttl))
+            .arg("+inf")
+            .query(con)?;
+        let mut pipe = redis::pipe();
+        for n in &nodes {
+            pipe.cmd("HGETALL").arg(self.presence_key(n));
+        }
+        let each: Vec<Vec<(String, u64)>> = pipe.query(con)?;
+        let mut sum: std::collections::BTreeMap<String, u64> = Default::default();
+        for (group, n) in each.into_iter().flatten() {
+            *sum.entry(group).or_default() += n;
+        }
+        Ok(sum.into_iter().collect())
+    }
+
     fn control_channel(&self) -> String {
         format!("{}:ctl:{:016x}", self.namespace, self.node)
     }
@@ -320,6 +445,7 @@ impl Inner {
         let mut seqs = Sequences::new(Instant::now());
         let mut batch: Vec<Out> = Vec::with_capacity(BATCH);
         let mut last_beat = Instant::now() - HEARTBEAT;
+        let mut last_presence: Option<Instant> = None;
         loop {
             if link.is_none() && backoff.due() {
                 match self.connect() {
@@ -330,6 +456,8 @@ impl Inner {
                         backoff.reset();
                         self.publisher_up.store(true, Ordering::Release);
                         link = Some(c);
+                        // A broker that restarted has lost the presence.
+                        last_presence = None;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster: cannot reach the broker to publish");
@@ -388,21 +516,35 @@ impl Inner {
             if publishes == 0 && !beat {
                 continue;
             }
-            match pipe.query::<()>(con) {
-                Ok(()) => {
-                    self.published.fetch_add(publishes, Ordering::Relaxed);
+            let presence_due = beat
+                && match last_presence {
+                    Some(at) => now.duration_since(at) >= self.presence_ttl / 3,
+                    None => true,
+                };
+            let mut result = pipe.query::<()>(con);
+            if result.is_ok() {
+                self.published.fetch_add(publishes, Ordering::Relaxed);
+                if presence_due {
+                    result = self.write_presence(con);
+                    last_presence = Some(now);
                 }
+            } else {
+                self.publish_lost.fetch_add(publishes, Ordering::Relaxed);
+            }
+            match result {
+                Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster: publishing failed; reconnecting");
-                    self.publish_lost.fetch_add(publishes, Ordering::Relaxed);
                     self.publisher_up.store(false, Ordering::Release);
                     link = None;
                     backoff.failed();
                 }
             }
         }
-        // Stopping: wake the subscriber so it sees the flag.
+        // Stopping: leave the cluster's counts, and wake the subscriber so
+        // it sees the flag.
         if let Some(con) = link.as_mut() {
+            let _ = self.erase_presence(con);
             let _: redis::RedisResult<()> =
                 redis::cmd("PUBLISH").arg(&control).arg("stop").query(con);
         }
@@ -607,4 +749,12 @@ fn node_id() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Milliseconds since the Unix epoch: presence is compared across hosts,
+/// so it is wall-clock time (a TTL of margin allows for their skew).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
