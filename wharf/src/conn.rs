@@ -223,8 +223,6 @@ pub struct Conn<'a, S> {
     pub(crate) ctl: &'a mut ConnCtl,
     pub(crate) touched: &'a mut Vec<u32>,
     pub(crate) messages_out: &'a mut u64,
-    /// Group messages not queued to a member over its high-water mark.
-    pub(crate) skipped: &'a mut u64,
     /// This loop's groups.
     pub(crate) groups: &'a mut LoopGroups,
     pub(crate) handle: &'a Handle,
@@ -476,16 +474,16 @@ impl<S> Conn<'_, S> {
                     .post(crate::mailbox::Command::Publish(name.clone(), wire.clone()));
             }
             if loops.contains(index) {
+                // Its own copy now, in order with its sends; a publisher
+                // over its mark is left to the loop, which skips or closes
+                // it as it does any slow member.
                 let mut skip = None;
-                if self.ctl.groups.contains(group) && self.ctl.open {
+                let mine = self.ctl.open && self.ctl.groups.contains(group);
+                if mine && self.ctl.unsent <= self.high_water {
                     skip = Some(self.slot);
-                    if self.ctl.unsent > self.high_water {
-                        *self.skipped += 1;
-                    } else {
-                        self.ctl.send_encoded(wire.clone());
-                        *self.messages_out += 1;
-                        self.touch();
-                    }
+                    self.ctl.send_encoded(wire.clone());
+                    *self.messages_out += 1;
+                    self.touch();
                 }
                 if self.groups.count(group) > usize::from(skip.is_some()) {
                     self.groups.outbox.push(Outgoing {
