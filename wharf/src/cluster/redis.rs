@@ -346,15 +346,14 @@ impl Inner {
     /// when it expires, so that any node can drop the dead), in one
     /// transaction.
     fn write_presence(&self, con: &mut Connection) -> redis::RedisResult<()> {
-        let groups = match self
+        // The handle is cloned out first: no lock of ours is held while the
+        // server's registry is locked.
+        let handle = self
             .handle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(h) => h.groups(),
-            None => Vec::new(),
-        };
+            .clone();
+        let groups = handle.map(|h| h.groups()).unwrap_or_default();
         let key = self.presence_key(&self.node_name());
         let ttl = self.presence_ttl.as_millis() as u64;
         let now = unix_ms();
