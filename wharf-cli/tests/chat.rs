@@ -150,6 +150,9 @@ fn the_line_protocol_from_nc() {
         b.expect("* alice left [lobby]");
         a.expect("* alice left [lobby]");
         a.expect("* alice joined [rust]");
+        // Nicks are unique on a node.
+        b.say("/nick alice");
+        b.expect("* alice is taken on this node");
         b.say("/nick bob");
         b.expect(&format!("* {guest_b} is now known as bob"));
         b.say("/join rust");

@@ -3,7 +3,7 @@
 //! its group once, and reaches its members on every loop and, with a
 //! cluster, on every node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +35,8 @@ pub(crate) struct Chat {
     cluster: Option<Arc<Redis>>,
     /// The nicks in each room on this node, for `/who`.
     here: Mutex<HashMap<String, BTreeMap<ConnId, String>>>,
+    /// The nicks in use on this node: no two connections here share one.
+    nicks: Mutex<HashSet<String>>,
 }
 
 impl Chat {
@@ -73,6 +75,10 @@ impl Chat {
 
     fn here(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<ConnId, String>>> {
         self.here.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn nicks(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.nicks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Puts the connection in `room` and tells the room.
@@ -118,10 +124,14 @@ impl Chat {
                 let Some(new) = name(conn, arg, "/nick NAME") else {
                     return;
                 };
-                let Member { nick, room } = conn.state();
-                if *nick == new {
+                if conn.state().nick == new {
                     return notice(conn, &format!("you are {new} already"));
                 }
+                if !self.nicks().insert(new.clone()) {
+                    return notice(conn, &format!("{new} is taken on this node"));
+                }
+                let Member { nick, room } = conn.state();
+                self.nicks().remove(nick.as_str());
                 let (old, room) = (std::mem::replace(nick, new.clone()), room.clone());
                 let id = conn.id();
                 if let Some(nicks) = self.here().get_mut(&room) {
@@ -205,8 +215,14 @@ impl Handler for Chat {
     type State = Member;
 
     fn on_open(&self, conn: &mut Conn<'_, Member>) -> wharf::Accept {
-        let n = self.guests.fetch_add(1, Ordering::Relaxed) + 1;
-        let nick = format!("guest-{n}{}", self.node_tag);
+        // The next guest number whose nick nobody has taken.
+        let nick = loop {
+            let n = self.guests.fetch_add(1, Ordering::Relaxed) + 1;
+            let nick = format!("guest-{n}{}", self.node_tag);
+            if self.nicks().insert(nick.clone()) {
+                break nick;
+            }
+        };
         tracing::info!("{} joined from {} as {nick}", conn.id(), conn.peer_addr());
         notice(
             conn,
@@ -244,6 +260,7 @@ impl Handler for Chat {
     fn on_close(&self, conn: &mut Conn<'_, Member>, reason: CloseReason) {
         tracing::info!("{} ({}) left: {reason:?}", conn.id(), conn.state().nick);
         self.exit(conn);
+        self.nicks().remove(conn.state().nick.as_str());
     }
 }
 
