@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,9 @@ struct Inner {
     /// This node's id, in every message it publishes.
     node: u64,
     queue_len: usize,
-    to_publisher: Mutex<Option<SyncSender<Out>>>,
+    /// The publisher thread's queue, set once at attach (no lock per
+    /// publish).
+    to_publisher: OnceLock<SyncSender<Out>>,
     /// The groups with members here: what the subscriber should be
     /// subscribed to.
     wanted: Mutex<HashSet<String>>,
@@ -92,6 +94,8 @@ enum Out {
     Publish(String, Vec<u8>),
     /// Tell the subscriber to look at `wanted` again.
     Wake,
+    /// The backplane is detaching: send what came before, then end.
+    Stop,
 }
 
 impl Redis {
@@ -106,7 +110,7 @@ impl Redis {
                 namespace: "wharf".into(),
                 node: node_id(),
                 queue_len: 65_536,
-                to_publisher: Mutex::new(None),
+                to_publisher: OnceLock::new(),
                 wanted: Mutex::new(HashSet::new()),
                 wanted_version: AtomicU64::new(0),
                 subscribed: Mutex::new(HashSet::new()),
@@ -244,7 +248,9 @@ impl Backplane for Redis {
             *attached = Some(handle);
         }
         let (tx, rx) = mpsc::sync_channel(inner.queue_len);
-        *inner.lock_sender() = Some(tx);
+        if inner.to_publisher.set(tx).is_err() {
+            return; // cannot happen: attach runs once (checked above)
+        }
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let p = inner.clone();
         let s = inner.clone();
@@ -271,9 +277,11 @@ impl Backplane for Redis {
     }
 
     fn publish(&self, group: &str, msg: &[u8]) {
-        let sender = self.inner.lock_sender();
-        let Some(tx) = sender.as_ref() else {
-            return; // not started, or stopped
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(tx) = self.inner.to_publisher.get() else {
+            return; // not started
         };
         match tx.try_send(Out::Publish(group.to_owned(), msg.to_vec())) {
             Ok(()) => {}
@@ -286,9 +294,12 @@ impl Backplane for Redis {
     fn detach(&self) {
         let inner = &self.inner;
         inner.stopping.store(true, Ordering::Release);
-        // Dropping the sender ends the publisher, which tells the
-        // subscriber on its way out.
-        inner.lock_sender().take();
+        // The publisher ends at the stop, and tells the subscriber on its
+        // way out. (A full queue makes this wait while the publisher
+        // drains it: it never waits on the loops.)
+        if let Some(tx) = inner.to_publisher.get() {
+            let _ = tx.send(Out::Stop);
+        }
         for t in self
             .threads
             .lock()
@@ -306,10 +317,6 @@ impl Backplane for Redis {
 }
 
 impl Inner {
-    fn lock_sender(&self) -> std::sync::MutexGuard<'_, Option<SyncSender<Out>>> {
-        self.to_publisher.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn lock_wanted(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.wanted.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -319,7 +326,7 @@ impl Inner {
     }
 
     fn wake_subscriber(&self) {
-        if let Some(tx) = self.lock_sender().as_ref() {
+        if let Some(tx) = self.to_publisher.get() {
             // A full queue is fine: the next heartbeat wakes it too.
             let _ = tx.try_send(Out::Wake);
         }
@@ -445,7 +452,8 @@ impl Inner {
         let mut batch: Vec<Out> = Vec::with_capacity(BATCH);
         let mut last_beat = Instant::now() - HEARTBEAT;
         let mut last_presence: Option<Instant> = None;
-        loop {
+        let mut stop = false;
+        while !stop {
             if link.is_none() && backoff.due() {
                 match self.connect() {
                     Ok(c) => {
@@ -481,6 +489,17 @@ impl Inner {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // What came after the stop is not sent: the server is
+            // stopping, and it is counted as lost.
+            if let Some(at) = batch.iter().position(|m| matches!(m, Out::Stop)) {
+                stop = true;
+                let late = batch.split_off(at);
+                let late = late
+                    .iter()
+                    .filter(|m| matches!(m, Out::Publish(..)))
+                    .count();
+                self.publish_lost.fetch_add(late as u64, Ordering::Relaxed);
             }
             let now = Instant::now();
             let beat = now.duration_since(last_beat) >= HEARTBEAT
