@@ -352,3 +352,50 @@ fn broker_restart_mid_stream_is_counted_and_recovered() {
         b.server.shutdown(Duration::from_secs(2)).unwrap();
     });
 }
+
+#[test]
+fn a_node_without_its_broker_serves_its_own_members() {
+    // Nothing listens on the broker's port: the links never come up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    each_backend_kind(|backend| {
+        let cluster = Arc::new(
+            Redis::new(&format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .queue(8),
+        );
+        let server = Server::builder()
+            .backend(backend)
+            .threads(2)
+            .backplane(cluster.clone())
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .start(Member {
+                auto: Some("local"),
+            })
+            .unwrap();
+        let mut members: Vec<TcpStream> = (0..4).map(|_| connect(server.local_addr())).collect();
+        let h = server.handle();
+        wait_until(10, "the members", || h.group_size("local") == 4);
+        const N: usize = 2000;
+        for k in 0..N {
+            h.publish("local", format!("m.{k}").as_bytes()).unwrap();
+        }
+        // Every member here has every message, in order...
+        for (i, c) in members.iter_mut().enumerate() {
+            hear_all(c, &["m".to_string()], N, &format!("member {i}"));
+        }
+        // ... and every one of them is counted as lost to the other nodes
+        // (the queue of 8 was full, or the link was down).
+        wait_until(10, "the losses counted", || {
+            cluster.stats().publish_lost == N as u64
+        });
+        let s = cluster.stats();
+        assert!(!s.linked && s.published == 0, "{s:?}");
+        assert!(!cluster.wait_linked(Duration::from_millis(300)));
+        server.shutdown(Duration::from_secs(5)).unwrap();
+    });
+}
