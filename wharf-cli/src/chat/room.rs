@@ -98,8 +98,8 @@ impl Chat {
     /// Takes the connection out of its room and tells the room.
     fn exit(&self, conn: &mut Conn<'_, Member>) {
         let id = conn.id();
-        let Member { nick, room } = std::mem::take(conn.state());
-        conn.state().nick = nick.clone();
+        let room = std::mem::take(&mut conn.state().room);
+        let nick = conn.state().nick.clone();
         if room.is_empty() {
             return;
         }
