@@ -57,11 +57,14 @@ struct Node {
     cluster: Arc<Redis>,
 }
 
-fn node(backend: Backend, broker: &RedisServer, handler: Member) -> Node {
+/// A node in `namespace`: each test has its own, so that tests sharing a
+/// broker (under Wine) do not hear each other, nor count each other's
+/// members.
+fn node(namespace: &str, backend: Backend, broker: &RedisServer, handler: Member) -> Node {
     let cluster = Arc::new(
         Redis::new(&broker.url())
             .unwrap()
-            .namespace("test")
+            .namespace(namespace)
             .presence_ttl(Duration::from_secs(2)),
     );
     let server = Server::builder()
@@ -125,7 +128,7 @@ fn three_nodes_deliver_every_message_once_in_order() {
     let broker = RedisServer::start();
     each_backend_kind(|backend| {
         let nodes: Vec<Node> = (0..3)
-            .map(|_| node(backend, &broker, Member::default()))
+            .map(|_| node("three", backend, &broker, Member::default()))
             .collect();
         const PER_NODE: usize = 4;
         const EACH: usize = 30;
@@ -211,7 +214,7 @@ fn rooms_of_a_thousand_on_each_of_three_nodes() {
     each_backend_kind(|backend| {
         let member = Member { auto: Some("big") };
         let nodes: Vec<Node> = (0..3)
-            .map(|_| node(backend, &broker, member.clone()))
+            .map(|_| node("rooms", backend, &broker, member.clone()))
             .collect();
         const MEMBERS: usize = 1000;
         const EACH: usize = 20;
@@ -261,8 +264,8 @@ fn broker_restart_mid_stream_is_counted_and_recovered() {
     each_backend_kind(|backend| {
         let broker = &mut *broker.borrow_mut();
         let member = Member { auto: Some("feed") };
-        let a = node(backend, broker, member.clone());
-        let b = node(backend, broker, member.clone());
+        let a = node("restart", backend, broker, member.clone());
+        let b = node("restart", backend, broker, member.clone());
         let mut on_a = connect(a.server.local_addr());
         let mut on_b = connect(b.server.local_addr());
         assert!(a.cluster.wait_subscribed("feed", Duration::from_secs(10)));
@@ -278,7 +281,7 @@ fn broker_restart_mid_stream_is_counted_and_recovered() {
             }
         });
         std::thread::sleep(Duration::from_millis(400));
-        broker.stop();
+        broker.stop("restart");
         std::thread::sleep(Duration::from_secs(1));
         broker.start_again();
         publisher.join().unwrap();

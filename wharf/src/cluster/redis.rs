@@ -167,7 +167,7 @@ impl Redis {
         let i = &self.inner;
         let mut link = i.queries.lock().unwrap_or_else(|p| p.into_inner());
         if link.is_none() {
-            *link = Some(i.connect()?);
+            *link = Some(i.connect("query")?);
         }
         let con = link.as_mut().expect("connected above");
         let result = i.read_presence(con);
@@ -432,14 +432,24 @@ impl Inner {
             .strip_prefix(":g:")
     }
 
-    fn connect(&self) -> redis::RedisResult<Connection> {
-        let con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    /// A connection to the broker for `role` (`pub`, `sub` or `query`),
+    /// named `wharf-NAMESPACE-NODE-ROLE` in Redis's `CLIENT LIST`, so that
+    /// an operator sees which node holds which link.
+    fn connect(&self, role: &str) -> redis::RedisResult<Connection> {
+        let mut con = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
         // A broker that vanishes without a word (a host gone, a cable
         // pulled) must not hold a thread forever: no write or reply takes
         // longer than this on a live link, whose heartbeats come every
         // half second.
         con.set_write_timeout(Some(SILENCE))?;
         con.set_read_timeout(Some(SILENCE))?;
+        let name = format!("wharf-{}-{}-{role}", self.namespace, self.node_name());
+        // Names hold no spaces: a namespace with one is named without it.
+        let name: String = name.chars().filter(|c| !c.is_whitespace()).collect();
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .query::<()>(&mut con)?;
         Ok(con)
     }
 
@@ -455,7 +465,7 @@ impl Inner {
         let mut stop = false;
         while !stop {
             if link.is_none() && backoff.due() {
-                match self.connect() {
+                match self.connect("pub") {
                     Ok(c) => {
                         if backoff.failed_before() {
                             self.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -578,7 +588,7 @@ impl Inner {
                 std::thread::sleep(backoff.until_due().min(Duration::from_millis(50)));
                 continue;
             }
-            let mut con = match self.connect() {
+            let mut con = match self.connect("sub") {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster: cannot reach the broker to subscribe");

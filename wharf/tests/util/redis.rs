@@ -4,8 +4,9 @@
 //!
 //! Under Wine (the Windows build) a Linux `redis-server` cannot be spawned
 //! from the test: `scripts/test-windows.sh` starts one and passes its
-//! address in `WHARF_TEST_REDIS`; there `restart` breaks every client's
-//! connection (`CLIENT KILL`) instead of restarting the process.
+//! address in `WHARF_TEST_REDIS`. The tests then share it, so each uses a
+//! namespace of its own, and `stop` cuts the links of one namespace's
+//! nodes (`CLIENT KILL ID`) instead of stopping the process.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -100,11 +101,18 @@ impl RedisServer {
         cmd.query(&mut con)
     }
 
-    /// Stops the broker (every link to it breaks) and keeps it down.
-    pub fn stop(&mut self) {
+    /// Stops the broker (every link to it breaks) and keeps it down. A
+    /// broker shared with other tests (`WHARF_TEST_REDIS`) is not stopped:
+    /// the links of the nodes in `namespace` are cut instead (wharf names
+    /// its connections `wharf-NAMESPACE-...`).
+    pub fn stop(&mut self, namespace: &str) {
         if self.external {
-            for kind in ["pubsub", "normal"] {
-                let _ = self.query::<redis::Value>(&["CLIENT", "KILL", "TYPE", kind]);
+            let clients: String = self.query(&["CLIENT", "LIST"]).unwrap_or_default();
+            let mine = format!("name=wharf-{namespace}-");
+            for line in clients.lines().filter(|l| l.contains(&mine)) {
+                if let Some(id) = line.split(' ').find_map(|f| f.strip_prefix("id=")) {
+                    let _ = self.query::<redis::Value>(&["CLIENT", "KILL", "ID", id]);
+                }
             }
             return;
         }
