@@ -282,3 +282,57 @@ fn a_tiny_run_measures_two_servers() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_group_and_cross_node_scenarios_run_end_to_end() {
+    // The cross-node scenario starts its own redis-server: install it if
+    // it is missing, as the project's other Redis tests do.
+    if std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/need-redis.sh");
+        let ok = std::process::Command::new("bash").arg(script).status();
+        assert!(ok.is_ok_and(|s| s.success()), "{script} failed");
+    }
+    let first = if ServerKind::WharfUring.available() {
+        ServerKind::WharfUring
+    } else {
+        ServerKind::WharfPoll
+    };
+    let mut plan = Plan::quick(PathBuf::from(env!("CARGO_BIN_EXE_wharf")));
+    plan.preset = "test".into();
+    plan.scenarios = vec![
+        Scenario::Group {
+            size: 256,
+            connections: 40,
+        },
+        Scenario::CrossNode {
+            size: 256,
+            members: 10,
+        },
+    ];
+    plan.servers = vec![first, ServerKind::TokioRaw];
+    plan.rounds = 1;
+    plan.progress = false;
+    let results = bench::run(&plan);
+    println!("{}", bench::table(&results));
+    // The group scenario runs every server; the peers relay instead.
+    let group = &results.scenarios[0].summary;
+    assert_eq!(group.len(), 2);
+    for s in group {
+        assert_eq!(s.error, None, "{}", s.server.name());
+        assert!(s.median.fanout_ms.is_some_and(|ms| ms > 0.0));
+    }
+    // The cross-node one runs wharf only, and measures what it says.
+    let nodes = &results.scenarios[1].summary;
+    assert_eq!(nodes.len(), 1, "only wharf has groups across nodes");
+    let m = &nodes[0].median;
+    assert_eq!(nodes[0].error, None);
+    assert!(m.p50_us.is_some_and(|v| v > 0.0) && m.p99_us >= m.p50_us);
+    assert!(m.deliveries_per_sec.is_some_and(|v| v > 0.0));
+    if cfg!(target_os = "linux") {
+        assert!(m.broker_cpu_us_per_msg.is_some_and(|v| v > 0.0));
+    }
+}

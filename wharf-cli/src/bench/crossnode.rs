@@ -307,8 +307,11 @@ fn measure(
         handle
             .connect(wharf::Connect::from(nodes[1 + i % 2].addr).token(1))
             .map_err(|e| e.to_string())?;
-        // A bounded number of connects in flight.
-        while i + 1 - m.opened.load(Ordering::Relaxed).min(i + 1) > 256 {
+        // At most 256 connects in flight (the control connection and
+        // members 0..=i have been posted).
+        let posted = i + 2;
+        let answered = || m.opened.load(Ordering::Relaxed) + m.failed.load(Ordering::Relaxed);
+        while posted.saturating_sub(answered()) > 256 {
             thread::sleep(Duration::from_millis(1));
         }
     }
