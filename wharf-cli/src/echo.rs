@@ -126,8 +126,8 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let total = handle.stats();
     serve::shutdown(server)?;
     println!(
-        "total: {} connections, {} messages in, {} bytes in, {} bytes out",
-        total.accepted, total.messages_in, total.bytes_in, total.bytes_out
+        "total: {} connections, {} messages in, {} bytes in, {} bytes out, {} refused by --allow/--deny",
+        total.accepted, total.messages_in, total.bytes_in, total.bytes_out, total.denied
     );
     Ok(())
 }

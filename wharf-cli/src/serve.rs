@@ -26,6 +26,13 @@ pub(crate) struct ServeArgs {
     /// Completion engine (the WHARF_BACKEND variable overrides it).
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub(crate) backend: BackendArg,
+    /// Let only peers in this network connect (ADDRESS/PREFIX or an
+    /// address; repeat for more). Default: everyone.
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) allow: Vec<String>,
+    /// Refuse peers in this network (repeat for more); wins over --allow.
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) deny: Vec<String>,
 }
 
 /// `--backend` values.
@@ -54,6 +61,14 @@ impl ServeArgs {
             Some(n) => builder.threads(n.into()),
             None => builder,
         };
+        let mut rules = wharf::IpRules::default();
+        for net in &self.allow {
+            rules = rules.allow(net).map_err(|e| format!("--allow: {e}"))?;
+        }
+        for net in &self.deny {
+            rules = rules.deny(net).map_err(|e| format!("--deny: {e}"))?;
+        }
+        let builder = builder.ip_rules(rules);
         builder
             .bind(self.addr.as_str())
             .map_err(|e| format!("cannot listen on {}: {e}", self.addr).into())

@@ -15,6 +15,7 @@ use crate::handler::Handler;
 use crate::id::{next_server_tag, MAX_LOOPS, MAX_SLOTS};
 use crate::limits::{ConnCounter, Limits};
 use crate::pool::Pool;
+use crate::rules::{IpRules, SharedRules};
 use crate::server::Server;
 use crate::sys::{self, DriverConfig, Listener, Share};
 
@@ -37,6 +38,7 @@ pub struct Builder {
     job_queue: usize,
     tick: Option<Duration>,
     backplane: BackplaneSlot,
+    ip_rules: IpRules,
 }
 
 /// The backplane, if any (not `Debug` itself).
@@ -82,6 +84,7 @@ impl Default for Builder {
             job_queue: 4096,
             tick: None,
             backplane: BackplaneSlot::default(),
+            ip_rules: IpRules::default(),
         }
     }
 }
@@ -289,6 +292,16 @@ impl Builder {
         self
     }
 
+    /// Who may connect: allow and deny lists of networks (default: every
+    /// peer). A refused peer's connection is closed when it is accepted,
+    /// before any callback and before it takes a slot, and counted in
+    /// [`Stats::denied`](crate::Stats::denied). `Handle::set_ip_rules`
+    /// replaces them at runtime.
+    pub fn ip_rules(mut self, rules: IpRules) -> Self {
+        self.ip_rules = rules;
+        self
+    }
+
     /// The completion engine (default: [`Backend::Auto`]). The environment
     /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
@@ -397,6 +410,7 @@ impl Builder {
             limits: self.limits,
             pool: Pool::new(self.workers, self.job_queue),
             groups: Registry::new(threads, self.backplane.0.clone()),
+            rules: SharedRules::new(self.ip_rules.clone()),
         });
         Handle { shared }
     }

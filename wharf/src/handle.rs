@@ -20,6 +20,7 @@ use crate::id::{ConnId, LiveTable};
 use crate::limits::{ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
 use crate::pool::Pool;
+use crate::rules::{IpRules, SharedRules};
 
 /// Reaches a server's connections from any thread. Cheap to clone.
 #[derive(Clone)]
@@ -153,6 +154,20 @@ impl Handle {
         Ok(())
     }
 
+    /// Replaces the allow and deny lists ([`Builder::ip_rules`]); each
+    /// loop checks the new ones from its next accepted connection on.
+    /// Connections open now are not affected.
+    ///
+    /// [`Builder::ip_rules`]: crate::Builder::ip_rules
+    pub fn set_ip_rules(&self, rules: IpRules) {
+        self.shared.rules.replace(rules);
+    }
+
+    /// The allow and deny lists in force.
+    pub fn ip_rules(&self) -> IpRules {
+        self.shared.rules.get()
+    }
+
     /// Members of `group` on this server (joins in transit included).
     pub fn group_size(&self, group: &str) -> usize {
         self.shared.groups.size(group)
@@ -245,6 +260,7 @@ impl Handle {
             s.handler_panics += t.handler_panics.load(Ordering::Relaxed);
             s.jobs_done += t.jobs_done.load(Ordering::Relaxed);
             s.jobs_discarded += t.jobs_discarded.load(Ordering::Relaxed);
+            s.denied += t.denied.load(Ordering::Relaxed);
             s.failed_loops += u64::from(l.failed.load(Ordering::Acquire));
         }
         s.jobs_queued = self.shared.pool.queued() as u64;
@@ -319,6 +335,10 @@ pub struct Stats {
     pub jobs_queued: u64,
     /// Submits refused because the pool's queue was full.
     pub jobs_refused: u64,
+    /// Connections refused at accept by the IP rules
+    /// ([`Builder::ip_rules`](crate::Builder::ip_rules)), before any
+    /// callback.
+    pub denied: u64,
 }
 
 /// What every thread may see of one loop.
@@ -427,6 +447,7 @@ pub(crate) struct LoopStats {
     pub(crate) handler_panics: AtomicU64,
     pub(crate) jobs_done: AtomicU64,
     pub(crate) jobs_discarded: AtomicU64,
+    pub(crate) denied: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -440,6 +461,7 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) pool: Pool,
     pub(crate) groups: Registry,
+    pub(crate) rules: SharedRules,
 }
 
 impl Shared {

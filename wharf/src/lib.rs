@@ -42,6 +42,7 @@ mod id;
 mod limits;
 mod mailbox;
 mod pool;
+mod rules;
 #[cfg(all(unix, any(test, fuzzing)))]
 mod scripted;
 mod sendq;
@@ -62,6 +63,7 @@ pub use handle::{Handle, Stats};
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
 pub use pool::SubmitError;
+pub use rules::{BadNetwork, IpRules};
 pub use server::Server;
 
 /// Thin public wrappers over crate-private items, for the cargo-fuzz targets

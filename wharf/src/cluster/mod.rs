@@ -3,6 +3,8 @@
 //! are in the group, over Redis pub/sub.
 //!
 //! ```no_run
+//! # #[cfg(not(feature = "redis"))] fn main() {} // the example needs the feature
+//! # #[cfg(feature = "redis")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # struct Chat;
 //! # impl wharf::Handler for Chat {

@@ -19,6 +19,16 @@ use crate::sys::{self, Driver, Flow, RecvEnd, SendBatch, Socket};
 
 impl<H: Handler> Core<H> {
     pub(super) fn accepted(&mut self, _listener: u32, socket: Socket, peer: Option<SocketAddr>) {
+        let peer = match peer.map_or_else(|| sys::peer_addr(&socket), Ok) {
+            Ok(peer) => peer,
+            Err(_) => return, // already reset by the peer
+        };
+        if !self.rules.permits(&self.handle.shared.rules, peer.ip()) {
+            // Denied: closed at once, before any callback or slot.
+            self.counters.denied += 1;
+            return;
+        }
+        let peer = Some(peer);
         let loops = &self.handle.shared.loops;
         if self.spread_accepts && self.shutdown.is_none() {
             let target = self.next_adopter % loops.len();

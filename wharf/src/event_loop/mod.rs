@@ -119,6 +119,7 @@ struct Counters {
     handler_panics: u64,
     jobs_done: u64,
     jobs_discarded: u64,
+    denied: u64,
 }
 
 pub(crate) struct EventLoop<H: Handler> {
@@ -162,6 +163,8 @@ struct Core<H: Handler> {
     rng: u64,
     /// The groups of this loop's connections.
     groups: crate::groups::LoopGroups,
+    /// Who may connect, as this loop last read it.
+    rules: crate::rules::LoopRules,
     /// Job results that came back before an earlier job of their
     /// connection, by (slot, sequence number); emptied as they are applied
     /// or their connection closes.
@@ -222,6 +225,7 @@ impl<H: Handler> EventLoop<H> {
         handle.shared.loops[config.index]
             .mailbox
             .set_waker(driver.waker());
+        let rules = crate::rules::LoopRules::new(&handle.shared.rules);
         EventLoop {
             driver,
             core: Core {
@@ -246,6 +250,7 @@ impl<H: Handler> EventLoop<H> {
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),
                 groups: Default::default(),
+                rules,
                 early_results: std::collections::HashMap::new(),
                 now,
                 now_tick: 0,
@@ -631,6 +636,7 @@ impl<H: Handler> Core<H> {
         s.handler_panics.store(c.handler_panics, Ordering::Relaxed);
         s.jobs_done.store(c.jobs_done, Ordering::Relaxed);
         s.jobs_discarded.store(c.jobs_discarded, Ordering::Relaxed);
+        s.denied.store(c.denied, Ordering::Relaxed);
     }
 
     fn finished(&self, driver: &Driver) -> bool {
