@@ -4,7 +4,7 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::codec::Framing;
@@ -15,7 +15,7 @@ use crate::handler::Handler;
 use crate::id::{next_server_tag, MAX_LOOPS, MAX_SLOTS};
 use crate::limits::{ConnCounter, Limits};
 use crate::pool::Pool;
-use crate::rules::{IpRules, SharedRules};
+use crate::access::{AcceptLimiter, AcceptRate, Access, Bans, IpRules, SharedRules};
 use crate::server::Server;
 use crate::sys::{self, DriverConfig, Listener, Share};
 
@@ -39,6 +39,8 @@ pub struct Builder {
     tick: Option<Duration>,
     backplane: BackplaneSlot,
     ip_rules: IpRules,
+    accept_rate: Option<AcceptRate>,
+    accept_rate_per_ip: Option<AcceptRate>,
 }
 
 /// The backplane, if any (not `Debug` itself).
@@ -85,6 +87,8 @@ impl Default for Builder {
             tick: None,
             backplane: BackplaneSlot::default(),
             ip_rules: IpRules::default(),
+            accept_rate: None,
+            accept_rate_per_ip: None,
         }
     }
 }
@@ -161,8 +165,10 @@ impl Builder {
     }
 
     /// How many leading bits of an IPv6 address make one "IP" for
-    /// [`max_connections_per_ip`](Self::max_connections_per_ip) (default
-    /// 64; 128 counts exact addresses).
+    /// [`max_connections_per_ip`](Self::max_connections_per_ip),
+    /// [`accept_rate_per_ip`](Self::accept_rate_per_ip) and
+    /// [`Conn::ban_peer`](crate::Conn::ban_peer) (default 64; 128 counts
+    /// exact addresses).
     pub fn per_ip_ipv6_prefix(mut self, bits: u8) -> Self {
         self.limits.ipv6_prefix = bits.min(128);
         self
@@ -302,6 +308,24 @@ impl Builder {
         self
     }
 
+    /// Most connections accepted per second, from everyone together
+    /// (default: no limit). Over it a connection is closed when it is
+    /// accepted, before any callback, and counted in
+    /// [`Stats::rate_limited`](crate::Stats::rate_limited).
+    pub fn accept_rate(mut self, rate: AcceptRate) -> Self {
+        self.accept_rate = Some(rate);
+        self
+    }
+
+    /// Most connections accepted per second from one client address (IPv6
+    /// by prefix, as [`max_connections_per_ip`](Self::max_connections_per_ip)
+    /// counts them), checked before the server-wide rate, so that one
+    /// client flooding spends only its own share. Default: no limit.
+    pub fn accept_rate_per_ip(mut self, rate: AcceptRate) -> Self {
+        self.accept_rate_per_ip = Some(rate);
+        self
+    }
+
     /// The completion engine (default: [`Backend::Auto`]). The environment
     /// variable `WHARF_BACKEND=uring|poll|iocp|auto` overrides it.
     pub fn backend(mut self, backend: Backend) -> Self {
@@ -410,7 +434,16 @@ impl Builder {
             limits: self.limits,
             pool: Pool::new(self.workers, self.job_queue),
             groups: Registry::new(threads, self.backplane.0.clone()),
-            rules: SharedRules::new(self.ip_rules.clone()),
+            access: Access {
+                rules: SharedRules::new(self.ip_rules.clone()),
+                bans: Bans::new(Instant::now()),
+                rate: AcceptLimiter::new(
+                    self.accept_rate,
+                    self.accept_rate_per_ip,
+                    self.limits.ipv6_prefix,
+                    Instant::now(),
+                ),
+            },
         });
         Handle { shared }
     }

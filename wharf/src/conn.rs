@@ -166,30 +166,34 @@ impl ConnCtl {
         }
     }
 
-    /// Queues `msg` (copied) unless refused.
-    pub(crate) fn send_copy(&mut self, msg: &[u8], high_water: usize) -> Result<(), SendError> {
+    /// Queues `msg` (copied) unless refused; the bytes queued.
+    pub(crate) fn send_copy(&mut self, msg: &[u8], high_water: usize) -> Result<usize, SendError> {
         self.admit(high_water)?;
-        self.unsent += self
+        let n = self
             .out
             .push_copy(&mut self.writer, msg)
             .map_err(too_large)?;
-        Ok(())
+        self.unsent += n;
+        Ok(n)
     }
 
-    /// Queues `msg` (shared, not copied) unless refused.
-    pub(crate) fn send_shared(&mut self, msg: Bytes, high_water: usize) -> Result<(), SendError> {
+    /// Queues `msg` (shared, not copied) unless refused; the bytes queued.
+    pub(crate) fn send_shared(&mut self, msg: Bytes, high_water: usize) -> Result<usize, SendError> {
         self.admit(high_water)?;
-        self.unsent += self
+        let n = self
             .out
             .push_shared(&mut self.writer, msg)
             .map_err(too_large)?;
-        Ok(())
+        self.unsent += n;
+        Ok(n)
     }
 
-    /// Queues bytes already in wire form.
-    pub(crate) fn send_encoded(&mut self, wire: Bytes) {
-        self.unsent += wire.len();
+    /// Queues bytes already in wire form; the bytes queued.
+    pub(crate) fn send_encoded(&mut self, wire: Bytes) -> usize {
+        let n = wire.len();
+        self.unsent += n;
         self.out.push_encoded(wire);
+        n
     }
 
     fn admit(&self, high_water: usize) -> Result<(), SendError> {
@@ -222,7 +226,7 @@ pub struct Conn<'a, S> {
     pub(crate) state: &'a mut S,
     pub(crate) ctl: &'a mut ConnCtl,
     pub(crate) touched: &'a mut Vec<u32>,
-    pub(crate) messages_out: &'a mut u64,
+    pub(crate) counters: &'a mut crate::stats::Counters,
     /// This loop's groups.
     pub(crate) groups: &'a mut LoopGroups,
     pub(crate) handle: &'a Handle,
@@ -262,16 +266,16 @@ impl<S> Conn<'_, S> {
     ///
     /// Messages queued during one loop turn go out in one gathered write.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), SendError> {
-        self.ctl.send_copy(msg, self.high_water)?;
-        *self.messages_out += 1;
+        let n = self.ctl.send_copy(msg, self.high_water)?;
+        self.counters.sent(n);
         self.touch();
         Ok(())
     }
 
     /// Sends one message without copying its body.
     pub fn send_bytes(&mut self, msg: Bytes) -> Result<(), SendError> {
-        self.ctl.send_shared(msg, self.high_water)?;
-        *self.messages_out += 1;
+        let n = self.ctl.send_shared(msg, self.high_water)?;
+        self.counters.sent(n);
         self.touch();
         Ok(())
     }
@@ -368,6 +372,18 @@ impl<S> Conn<'_, S> {
         if self.ctl.close_request.is_none() {
             self.ctl.close_request = Some(CloseReason::Local);
         }
+        self.touch();
+    }
+
+    /// Bans the peer's address for `duration` and closes this connection
+    /// (after a flush: a last message sent before this still goes out)
+    /// with [`CloseReason::Banned`]. Its other connections are closed too,
+    /// and new ones are refused at accept until the ban expires. The
+    /// address is banned as the per-IP cap counts clients (IPv6 by prefix);
+    /// see [`Handle::ban_ip`](crate::Handle::ban_ip).
+    pub fn ban_peer(&mut self, duration: std::time::Duration) {
+        self.handle.ban_ip(self.peer.ip(), duration);
+        self.ctl.close_request = Some(CloseReason::Banned);
         self.touch();
     }
 
@@ -481,8 +497,8 @@ impl<S> Conn<'_, S> {
                 let mine = self.ctl.open && self.ctl.groups.contains(group);
                 if mine && self.ctl.unsent <= self.high_water {
                     skip = Some(self.slot);
-                    self.ctl.send_encoded(wire.clone());
-                    *self.messages_out += 1;
+                    let n = self.ctl.send_encoded(wire.clone());
+                    self.counters.sent(n);
                     self.touch();
                 }
                 if self.groups.count(group) > usize::from(skip.is_some()) {

@@ -72,6 +72,61 @@ pub enum CloseReason {
     HandlerPanic,
     /// The connection's event loop failed (its driver returned an error).
     LoopFailed,
+    /// The peer's address was banned ([`Conn::ban_peer`](crate::Conn::ban_peer),
+    /// [`Handle::ban`](crate::Handle::ban)).
+    Banned,
+}
+
+/// The metrics' names of the kinds of close, by [`CloseReason::kind`];
+/// the last is a connection `Handler::on_open` refused (it gets no
+/// `on_close`).
+pub(crate) const CLOSE_KINDS: [&str; 15] = [
+    "peer_closed",
+    "local",
+    "disconnected",
+    "frame_too_large",
+    "protocol",
+    "io",
+    "shutdown",
+    "idle_timeout",
+    "first_message_timeout",
+    "write_stalled",
+    "slow_peer",
+    "handler_panic",
+    "loop_failed",
+    "banned",
+    "rejected",
+];
+
+/// Where a refusal by `on_open` is counted in the close kinds.
+pub(crate) const REJECTED: usize = 14;
+
+impl CloseReason {
+    /// The kind of reason as a short name, its data left out
+    /// (`"peer_closed"`, `"io"`, `"idle_timeout"`, …): the `reason` label
+    /// of the `wharf_connections_closed` metric.
+    pub fn label(&self) -> &'static str {
+        CLOSE_KINDS[self.kind()]
+    }
+
+    pub(crate) fn kind(&self) -> usize {
+        match self {
+            CloseReason::PeerClosed => 0,
+            CloseReason::Local => 1,
+            CloseReason::Disconnected => 2,
+            CloseReason::FrameTooLarge { .. } => 3,
+            CloseReason::Protocol(_) => 4,
+            CloseReason::Io(_) => 5,
+            CloseReason::Shutdown => 6,
+            CloseReason::IdleTimeout => 7,
+            CloseReason::FirstMessageTimeout => 8,
+            CloseReason::WriteStalled => 9,
+            CloseReason::SlowPeer => 10,
+            CloseReason::HandlerPanic => 11,
+            CloseReason::LoopFailed => 12,
+            CloseReason::Banned => 13,
+        }
+    }
 }
 
 /// Why [`Server::shutdown`](crate::Server::shutdown) could not finish cleanly.

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,11 @@ use crate::error::SendError;
 use crate::event_loop::resolve_then_connect;
 use crate::groups::Registry;
 use crate::id::{ConnId, LiveTable};
-use crate::limits::{ConnCounter, Limits};
+use crate::limits::{client_network, Cap, ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
 use crate::pool::Pool;
-use crate::rules::{IpRules, SharedRules};
+use crate::access::{parse_network, Access, BadNetwork, Ban, IpRules};
+use crate::stats::{LoopStats, Stats};
 
 /// Reaches a server's connections from any thread. Cheap to clone.
 #[derive(Clone)]
@@ -160,12 +161,52 @@ impl Handle {
     ///
     /// [`Builder::ip_rules`]: crate::Builder::ip_rules
     pub fn set_ip_rules(&self, rules: IpRules) {
-        self.shared.rules.replace(rules);
+        self.shared.access.rules.replace(rules);
+    }
+
+    /// Bans `network` (`ADDRESS/PREFIX`, or an address) for `duration`:
+    /// connections from it are refused at accept, before any callback,
+    /// and counted in [`Stats::banned`]; its open connections are closed
+    /// (after a flush) with [`CloseReason::Banned`](crate::CloseReason::Banned).
+    /// Banning a network banned already gives it the new duration. Bans
+    /// expire by themselves.
+    pub fn ban(&self, network: &str, duration: Duration) -> Result<(), BadNetwork> {
+        self.ban_network(parse_network(network)?, duration);
+        Ok(())
+    }
+
+    /// Bans the client at `ip` as the per-IP cap counts clients: an IPv4
+    /// address alone, an IPv6 one with its whole prefix
+    /// ([`Builder::per_ip_ipv6_prefix`](crate::Builder::per_ip_ipv6_prefix)).
+    /// Otherwise as [`ban`](Self::ban).
+    pub fn ban_ip(&self, ip: IpAddr, duration: Duration) {
+        self.ban_network(client_network(ip, self.shared.limits.ipv6_prefix), duration);
+    }
+
+    pub(crate) fn ban_network(&self, net: ipnet::IpNet, duration: Duration) {
+        self.shared.access.bans.ban(net, duration, Instant::now());
+        tracing::info!(network = %net, ?duration, "banned");
+        for l in &self.shared.loops {
+            // A loop that has ended has no connections to close.
+            let _ = l.mailbox.post(Command::Kick(net));
+        }
+    }
+
+    /// Lifts the ban of `network` (as it was given to [`ban`](Self::ban),
+    /// or as [`bans`](Self::bans) lists it); whether it was banned.
+    pub fn unban(&self, network: &str) -> Result<bool, BadNetwork> {
+        let net = parse_network(network)?;
+        Ok(self.shared.access.bans.unban(net, Instant::now()))
+    }
+
+    /// The bans in force, the soonest to expire first.
+    pub fn bans(&self) -> Vec<Ban> {
+        self.shared.access.bans.list(Instant::now())
     }
 
     /// The allow and deny lists in force.
     pub fn ip_rules(&self) -> IpRules {
-        self.shared.rules.get()
+        self.shared.access.rules.get()
     }
 
     /// Members of `group` on this server (joins in transit included).
@@ -242,27 +283,12 @@ impl Handle {
     /// Counters summed over every loop (each loop publishes its own once per
     /// turn, so they lag by at most one turn).
     pub fn stats(&self) -> Stats {
-        let mut s = Stats::default();
-        for l in &self.shared.loops {
-            let t = &l.stats;
-            s.connections += t.open.load(Ordering::Relaxed);
-            s.accepted += t.accepted.load(Ordering::Relaxed);
-            s.refused += t.refused.load(Ordering::Relaxed);
-            s.closed += t.closed.load(Ordering::Relaxed);
-            s.messages_in += t.messages_in.load(Ordering::Relaxed);
-            s.messages_out += t.messages_out.load(Ordering::Relaxed);
-            s.bytes_in += t.bytes_in.load(Ordering::Relaxed);
-            s.bytes_out += t.bytes_out.load(Ordering::Relaxed);
-            s.recv_buffer_waits += t.recv_buffer_waits.load(Ordering::Relaxed);
-            s.timed_out += t.timed_out.load(Ordering::Relaxed);
-            s.broadcast_skipped += t.broadcast_skipped.load(Ordering::Relaxed);
-            s.accept_pauses += t.accept_pauses.load(Ordering::Relaxed);
-            s.handler_panics += t.handler_panics.load(Ordering::Relaxed);
-            s.jobs_done += t.jobs_done.load(Ordering::Relaxed);
-            s.jobs_discarded += t.jobs_discarded.load(Ordering::Relaxed);
-            s.denied += t.denied.load(Ordering::Relaxed);
-            s.failed_loops += u64::from(l.failed.load(Ordering::Acquire));
-        }
+        let loops = &self.shared.loops;
+        let mut s = Stats::of_loops(loops.iter().map(|l| l.stats.read()));
+        s.failed_loops = loops
+            .iter()
+            .filter(|l| l.failed.load(Ordering::Acquire))
+            .count() as u64;
         s.jobs_queued = self.shared.pool.queued() as u64;
         s.jobs_refused = self.shared.pool.refused();
         s
@@ -287,58 +313,6 @@ impl Handle {
             _ => Err(SendError::Closed),
         }
     }
-}
-
-/// Live counters of a server.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Connections open now.
-    pub connections: u64,
-    /// Connections opened so far (accepted or connected).
-    pub accepted: u64,
-    /// Connections refused (over `max_connections`, or during shutdown).
-    pub refused: u64,
-    /// Connections closed so far.
-    pub closed: u64,
-    /// Messages received.
-    pub messages_in: u64,
-    /// Messages queued for sending.
-    pub messages_out: u64,
-    /// Bytes received.
-    pub bytes_in: u64,
-    /// Bytes written to sockets.
-    pub bytes_out: u64,
-    /// Times a receive paused because every pooled receive buffer was in
-    /// use (often: raise `Builder::recv_buffers`).
-    pub recv_buffer_waits: u64,
-    /// Connections closed by a timeout (idle, first message, write stall).
-    pub timed_out: u64,
-    /// Broadcast and group messages not queued to a peer over its
-    /// high-water mark.
-    pub broadcast_skipped: u64,
-    /// Times accepting paused on an error such as running out of
-    /// descriptors (EMFILE).
-    pub accept_pauses: u64,
-    /// Handler callbacks that panicked (each closed its connection with
-    /// [`CloseReason::HandlerPanic`](crate::CloseReason::HandlerPanic)).
-    pub handler_panics: u64,
-    /// Event loops that failed (their driver returned an error) and closed
-    /// their connections with
-    /// [`CloseReason::LoopFailed`](crate::CloseReason::LoopFailed).
-    pub failed_loops: u64,
-    /// Job results applied to their connections.
-    pub jobs_done: u64,
-    /// Job results dropped because their connection had closed.
-    pub jobs_discarded: u64,
-    /// Jobs waiting for a worker now.
-    pub jobs_queued: u64,
-    /// Submits refused because the pool's queue was full.
-    pub jobs_refused: u64,
-    /// Connections refused at accept by the IP rules
-    /// ([`Builder::ip_rules`](crate::Builder::ip_rules)), before any
-    /// callback.
-    pub denied: u64,
 }
 
 /// What every thread may see of one loop.
@@ -429,27 +403,6 @@ impl Drained {
     }
 }
 
-/// One loop's counters; written by that loop only, once per turn.
-#[derive(Default)]
-pub(crate) struct LoopStats {
-    pub(crate) open: AtomicU64,
-    pub(crate) accepted: AtomicU64,
-    pub(crate) refused: AtomicU64,
-    pub(crate) closed: AtomicU64,
-    pub(crate) messages_in: AtomicU64,
-    pub(crate) messages_out: AtomicU64,
-    pub(crate) bytes_in: AtomicU64,
-    pub(crate) bytes_out: AtomicU64,
-    pub(crate) recv_buffer_waits: AtomicU64,
-    pub(crate) timed_out: AtomicU64,
-    pub(crate) broadcast_skipped: AtomicU64,
-    pub(crate) accept_pauses: AtomicU64,
-    pub(crate) handler_panics: AtomicU64,
-    pub(crate) jobs_done: AtomicU64,
-    pub(crate) jobs_discarded: AtomicU64,
-    pub(crate) denied: AtomicU64,
-}
-
 pub(crate) struct Shared {
     /// Tells this server's ids from another's in the same process.
     pub(crate) tag: u32,
@@ -461,12 +414,12 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) pool: Pool,
     pub(crate) groups: Registry,
-    pub(crate) rules: SharedRules,
+    pub(crate) access: Access,
 }
 
 impl Shared {
     /// Counts a new connection if the caps allow (`ip`: inbound peer).
-    pub(crate) fn admit(&self, ip: Option<IpAddr>) -> bool {
+    pub(crate) fn admit(&self, ip: Option<IpAddr>) -> Result<(), Cap> {
         self.conns.admit(ip, &self.limits)
     }
 

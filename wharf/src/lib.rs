@@ -27,6 +27,7 @@
 #![deny(unsafe_op_in_unsafe_fn, missing_docs, rust_2018_idioms)]
 #![warn(unreachable_pub)]
 
+mod access;
 mod backend;
 mod builder;
 pub mod cluster;
@@ -42,10 +43,10 @@ mod id;
 mod limits;
 mod mailbox;
 mod pool;
-mod rules;
 #[cfg(all(unix, any(test, fuzzing)))]
 mod scripted;
 mod sendq;
+mod stats;
 mod server;
 mod sys;
 mod timer;
@@ -59,12 +60,13 @@ pub use connect::{Connect, ConnectFailure, Opening, Reconnect, DEFAULT_CONNECT_T
 pub use error::{CloseReason, SendError, ShutdownError};
 pub use event_loop::Tick;
 pub use groups::Backplane;
-pub use handle::{Handle, Stats};
+pub use handle::Handle;
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
 pub use pool::SubmitError;
-pub use rules::{BadNetwork, IpRules};
+pub use access::{AcceptRate, BadNetwork, Ban, IpRules};
 pub use server::Server;
+pub use stats::Stats;
 
 /// Thin public wrappers over crate-private items, for the cargo-fuzz targets
 /// in `fuzz/` (cargo fuzz builds with `--cfg fuzzing`). Not part of the API.

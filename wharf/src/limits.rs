@@ -25,10 +25,12 @@ pub(crate) struct Limits {
     pub(crate) jobs_per_connection: u32,
 }
 
-/// The address the per-IP cap counts `ip` under: an IPv4 address (or an
+/// The address a client at `ip` is counted under by the per-IP cap, the
+/// per-IP accept rate and `Conn::ban_peer`: an IPv4 address (or an
 /// IPv4-mapped IPv6 one, as a dual-stack listener sees IPv4 clients) as
-/// itself, an IPv6 address by its first `prefix` bits.
-fn cap_key(ip: IpAddr, prefix: u8) -> IpAddr {
+/// itself, an IPv6 address by its first `prefix` bits (one host is given a
+/// whole /64 and may use any address in it).
+pub(crate) fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -42,6 +44,20 @@ fn cap_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// The network of the client at `ip` (see `client_key`).
+pub(crate) fn client_network(ip: IpAddr, prefix: u8) -> ipnet::IpNet {
+    let key = client_key(ip, prefix);
+    let len = if key.is_ipv4() { 32 } else { prefix.min(128) };
+    ipnet::IpNet::new(key, len).expect("a prefix length within the family's")
+}
+
+/// The cap a connection was refused over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cap {
+    Global,
+    PerIp,
+}
+
 /// Open connections, counted across loops. Touched once per connect and
 /// once per close, never per message.
 #[derive(Default)]
@@ -51,24 +67,25 @@ pub(crate) struct ConnCounter {
 }
 
 impl ConnCounter {
-    /// Counts a new connection if the caps allow it. `ip` is the peer of an
-    /// inbound connection (outbound ones count only globally).
-    pub(crate) fn admit(&self, ip: Option<IpAddr>, limits: &Limits) -> bool {
+    /// Counts a new connection if the caps allow it, or says which cap it
+    /// is over. `ip` is the peer of an inbound connection (outbound ones
+    /// count only globally).
+    pub(crate) fn admit(&self, ip: Option<IpAddr>, limits: &Limits) -> Result<(), Cap> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return Err(Cap::Global);
         }
         if let (Some(ip), Some(max)) = (ip, limits.max_connections_per_ip) {
             let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(cap_key(ip, limits.ipv6_prefix)).or_insert(0);
+            let n = map.entry(client_key(ip, limits.ipv6_prefix)).or_insert(0);
             if *n >= max {
                 drop(map);
                 self.open.fetch_sub(1, Ordering::AcqRel);
-                return false;
+                return Err(Cap::PerIp);
             }
             *n += 1;
         }
-        true
+        Ok(())
     }
 
     /// Uncounts a connection admitted with the same `ip`.
@@ -76,7 +93,7 @@ impl ConnCounter {
         self.open.fetch_sub(1, Ordering::AcqRel);
         if let (Some(ip), Some(_)) = (ip, limits.max_connections_per_ip) {
             let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let key = cap_key(ip, limits.ipv6_prefix);
+            let key = client_key(ip, limits.ipv6_prefix);
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
@@ -113,39 +130,39 @@ mod tests {
         let l = limits(10, Some(2));
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         // One client rotating through its /64 is one client.
-        assert!(c.admit(Some(ip("2001:db8:1:2::1")), &l));
-        assert!(c.admit(Some(ip("2001:db8:1:2:ffff::9")), &l));
-        assert!(!c.admit(Some(ip("2001:db8:1:2:dead:beef:0:1")), &l));
+        assert!(c.admit(Some(ip("2001:db8:1:2::1")), &l).is_ok());
+        assert!(c.admit(Some(ip("2001:db8:1:2:ffff::9")), &l).is_ok());
+        assert!(!c.admit(Some(ip("2001:db8:1:2:dead:beef:0:1")), &l).is_ok());
         // Another /64 is another client.
-        assert!(c.admit(Some(ip("2001:db8:1:3::1")), &l));
+        assert!(c.admit(Some(ip("2001:db8:1:3::1")), &l).is_ok());
         // IPv4 through a dual-stack listener counts with plain IPv4.
-        assert!(c.admit(Some(ip("::ffff:10.0.0.1")), &l));
-        assert!(c.admit(Some(ip("10.0.0.1")), &l));
-        assert!(!c.admit(Some(ip("10.0.0.1")), &l));
+        assert!(c.admit(Some(ip("::ffff:10.0.0.1")), &l).is_ok());
+        assert!(c.admit(Some(ip("10.0.0.1")), &l).is_ok());
+        assert!(!c.admit(Some(ip("10.0.0.1")), &l).is_ok());
         c.release(Some(ip("2001:db8:1:2::1")), &l);
-        assert!(c.admit(Some(ip("2001:db8:1:2::77")), &l));
+        assert!(c.admit(Some(ip("2001:db8:1:2::77")), &l).is_ok());
         // /128 counts exact addresses again.
         let exact = Limits {
             ipv6_prefix: 128,
             ..l
         };
         let c = ConnCounter::default();
-        assert!(c.admit(Some(ip("2001:db8::1")), &exact));
-        assert!(c.admit(Some(ip("2001:db8::2")), &exact));
-        assert!(c.admit(Some(ip("2001:db8::2")), &exact));
-        assert!(!c.admit(Some(ip("2001:db8::2")), &exact));
-        assert_eq!(cap_key(ip("2001:db8::1"), 0), ip("::"));
+        assert!(c.admit(Some(ip("2001:db8::1")), &exact).is_ok());
+        assert!(c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
+        assert!(c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
+        assert!(!c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
+        assert_eq!(client_key(ip("2001:db8::1"), 0), ip("::"));
     }
 
     #[test]
     fn global_cap_refuses_the_one_too_many_and_frees_on_release() {
         let c = ConnCounter::default();
         let l = limits(2, None);
-        assert!(c.admit(None, &l));
-        assert!(c.admit(None, &l));
-        assert!(!c.admit(None, &l));
+        assert!(c.admit(None, &l).is_ok());
+        assert!(c.admit(None, &l).is_ok());
+        assert!(!c.admit(None, &l).is_ok());
         c.release(None, &l);
-        assert!(c.admit(None, &l));
+        assert!(c.admit(None, &l).is_ok());
     }
 
     #[test]
@@ -154,11 +171,11 @@ mod tests {
         let l = limits(10, Some(1));
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(c.admit(Some(a), &l));
-        assert!(!c.admit(Some(a), &l));
-        assert!(c.admit(Some(b), &l));
+        assert!(c.admit(Some(a), &l).is_ok());
+        assert!(!c.admit(Some(a), &l).is_ok());
+        assert!(c.admit(Some(b), &l).is_ok());
         c.release(Some(a), &l);
-        assert!(c.admit(Some(a), &l));
+        assert!(c.admit(Some(a), &l).is_ok());
         assert!(c.per_ip.lock().unwrap().len() == 2);
     }
 }

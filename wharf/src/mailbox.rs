@@ -48,6 +48,8 @@ pub(crate) enum Command {
     Disconnect(ConnId),
     /// Open an outbound connection.
     Connect(Box<Dial>),
+    /// Close the open connections from a network just banned.
+    Kick(ipnet::IpNet),
     /// No more reconnects for this token.
     StopReconnect(u64),
     /// Take over a connection another loop accepted (loops that share one

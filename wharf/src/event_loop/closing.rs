@@ -24,14 +24,14 @@ impl<H: Handler> Core<H> {
         };
         let peer_done = open.eof;
         self.shared().live.set_closed(key);
-        self.counters.closed += 1;
-        self.counters.open -= 1;
+        self.counters.count_close(reason.kind());
         self.conns[key as usize].ctl.open = false;
         self.drop_job_results(key);
         self.conns[key as usize].ctl.timers.clear();
         let id = self.id_of(key);
         let handler = self.handler.clone();
         let shutdown = reason == CloseReason::Shutdown;
+        tracing::debug!(conn = %id, reason = reason.label(), detail = ?reason, "connection closed");
         if let Err(why) = self.with_conn(key, |conn| contain(|| handler.on_close(conn, reason))) {
             self.panicked("on_close", &id, &why);
         }
@@ -76,6 +76,7 @@ impl<H: Handler> Core<H> {
     pub(super) fn send_failed(&mut self, key: u32, e: std::io::Error) {
         let slot = &mut self.conns[key as usize];
         slot.ctl.out.clear();
+        self.counters.bytes_dropped += slot.ctl.unsent as u64;
         slot.ctl.unsent = 0;
         match slot.phase {
             Phase::Open(_) => self.close_failed(key, e),
@@ -141,6 +142,7 @@ impl<H: Handler> Core<H> {
     fn drop_queued(&mut self, key: u32) {
         let slot = &mut self.conns[key as usize];
         slot.ctl.out.clear();
+        self.counters.bytes_dropped += slot.ctl.unsent as u64;
         slot.ctl.unsent = 0;
         if let Some(mut batch) = slot.io.leftover.take() {
             batch.bufs.clear();
@@ -206,6 +208,7 @@ impl<H: Handler> Core<H> {
     fn free(&mut self, key: u32) {
         let slot = self.conns.remove(key as usize);
         debug_assert!(!slot.io.busy());
+        self.counters.bytes_dropped += slot.ctl.unsent as u64;
         // Every slot was admitted under the caps (inbound per peer IP).
         let ip = (!slot.outbound).then(|| slot.peer.ip());
         self.handle.shared.release(ip);

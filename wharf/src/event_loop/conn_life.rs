@@ -8,12 +8,14 @@ use std::ops::ControlFlow;
 use super::guard::contain;
 use super::slot::{Io, Open, Phase, Recv, Slot};
 use super::Core;
+use crate::access::Refused;
 use crate::codec::FrameError;
 use crate::conn::{Conn, ConnCtl};
 use crate::connect::{Dial, Opening};
 use crate::error::CloseReason;
 use crate::handler::{Accept, Handler};
 use crate::id::{next_generation, ConnId};
+use crate::limits::Cap;
 use crate::mailbox::Command;
 use crate::sys::{self, Driver, Flow, RecvEnd, SendBatch, Socket};
 
@@ -23,9 +25,16 @@ impl<H: Handler> Core<H> {
             Ok(peer) => peer,
             Err(_) => return, // already reset by the peer
         };
-        if !self.rules.permits(&self.handle.shared.rules, peer.ip()) {
-            // Denied: closed at once, before any callback or slot.
-            self.counters.denied += 1;
+        let access = &self.handle.shared.access;
+        if let Err(refused) = access.check(&mut self.rules, peer.ip(), self.now) {
+            // Closed at once, before any callback or slot, with a reset.
+            match refused {
+                Refused::Denied => self.counters.denied += 1,
+                Refused::Banned => self.counters.banned += 1,
+                Refused::RateLimited(_) => self.counters.rate_limited += 1,
+            }
+            tracing::trace!(%peer, cause = refused.cause(), "connection refused at accept");
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
             return;
         }
         let peer = Some(peer);
@@ -48,17 +57,21 @@ impl<H: Handler> Core<H> {
     /// Makes an accepted connection one of this loop's.
     pub(super) fn adopt(&mut self, socket: Socket, peer: Option<SocketAddr>) {
         if self.shutdown.is_some() {
-            self.counters.refused += 1;
+            self.counters.refused_shutdown += 1;
             return; // dropping the socket closes it
         }
         let peer = match peer.map_or_else(|| sys::peer_addr(&socket), Ok) {
             Ok(peer) => peer,
             Err(_) => return, // already reset by the peer
         };
-        if !self.handle.shared.admit(Some(peer.ip())) {
+        if let Err(cap) = self.handle.shared.admit(Some(peer.ip())) {
             // Over a connection cap: closed at once, counted; the open
             // connections never notice.
-            self.counters.refused += 1;
+            match cap {
+                Cap::Global => self.counters.refused_cap += 1,
+                Cap::PerIp => self.counters.refused_per_ip += 1,
+            }
+            tracing::trace!(%peer, ?cap, "connection refused over a cap");
             return;
         }
         sys::prepare(&socket, &self.socket_options);
@@ -124,6 +137,8 @@ impl<H: Handler> Core<H> {
         self.counters.accepted += 1;
         self.counters.open += 1;
         let id = self.id_of(key);
+        let slot = &self.conns[key as usize];
+        tracing::debug!(conn = %id, peer = %slot.peer, outbound = slot.outbound, "connection opened");
         self.shared().live.set_open(key, id.generation());
         let handler = self.handler.clone();
         let accept = match self.with_conn(key, |conn| contain(|| handler.on_open(conn))) {
@@ -132,8 +147,8 @@ impl<H: Handler> Core<H> {
                 // Not kept, as if refused, but what on_open queued is dropped.
                 self.panicked("on_open", &id, &why);
                 self.shared().live.set_closed(key);
-                self.counters.open -= 1;
-                self.counters.closed += 1;
+                self.counters
+                    .count_close(CloseReason::HandlerPanic.kind());
                 self.start_closing(key, false, false);
                 return;
             }
@@ -141,8 +156,8 @@ impl<H: Handler> Core<H> {
         if accept == Accept::No {
             // Refused: what on_open queued is still flushed; no on_close.
             self.shared().live.set_closed(key);
-            self.counters.open -= 1;
-            self.counters.closed += 1;
+            self.counters.count_rejected();
+            tracing::debug!(conn = %id, "connection refused by on_open");
             self.start_closing(key, true, false);
             return;
         }
@@ -173,7 +188,7 @@ impl<H: Handler> Core<H> {
             state: &mut slot.state,
             ctl: &mut slot.ctl,
             touched: &mut self.touched,
-            messages_out: &mut self.counters.messages_out,
+            counters: &mut self.counters,
             groups: &mut self.groups,
             handle: &self.handle,
             now: self.now,
@@ -226,8 +241,7 @@ impl<H: Handler> Core<H> {
             return;
         };
         let handler = &*self.handler;
-        let messages = &mut self.counters.messages_in;
-        let before = *messages;
+        let mut messages = 0u64;
         let mut panic = None;
         let mut conn = Conn {
             id,
@@ -239,14 +253,14 @@ impl<H: Handler> Core<H> {
             state: &mut slot.state,
             ctl: &mut slot.ctl,
             touched: &mut self.touched,
-            messages_out: &mut self.counters.messages_out,
+            counters: &mut self.counters,
             groups: &mut self.groups,
             handle: &self.handle,
             now: self.now,
             socket: &slot.socket,
         };
         let on_frame = |msg: &[u8]| {
-            *messages += 1;
+            messages += 1;
             if let Err(why) = contain(|| handler.on_message(&mut conn, msg)) {
                 panic = Some(why);
                 conn.ctl.close_request = Some(CloseReason::HandlerPanic);
@@ -263,7 +277,8 @@ impl<H: Handler> Core<H> {
             }
         };
         let result = slot.reader.feed_until(data, on_frame, &mut open.held);
-        open.got_message |= *messages != before;
+        open.got_message |= messages != 0;
+        self.counters.messages_in += messages;
         if slot.ctl.close_request.is_some() {
             open.held = Vec::new();
         }
@@ -430,6 +445,7 @@ impl<H: Handler> Core<H> {
             // threads) and stop reading, so that a handler answering every
             // message cannot grow the queue.
             open.congested = true;
+            self.counters.backpressure_pauses += 1;
             self.shared().live.set_congested(key, true);
         }
         let slot = &mut self.conns[key as usize];

@@ -43,7 +43,7 @@ impl<H: Handler> Core<H> {
             });
             return self.dial_failed(dial, None, e);
         };
-        if !self.handle.shared.admit(None) {
+        if self.handle.shared.admit(None).is_err() {
             let e = io::Error::other("max_connections reached");
             return self.dial_failed(dial, Some(addr), e);
         }

@@ -25,7 +25,6 @@ pub(crate) use dial::resolve_then_connect;
 pub(crate) use guard::message as panic_message;
 pub use tick::Tick;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +38,7 @@ use crate::handler::Handler;
 use crate::id::ConnId;
 use crate::limits::Limits;
 use crate::mailbox::Command;
+use crate::stats::Counters;
 use crate::sys::{self, Driver, DriverConfig, Event, Flow, Listener, SendBatch};
 use crate::timer::{Entry, Wheel};
 
@@ -92,34 +92,13 @@ impl Fanout<'_> {
             }
             return;
         }
-        slot.ctl.send_encoded(self.wire.clone());
-        self.counters.messages_out += 1;
+        let n = slot.ctl.send_encoded(self.wire.clone());
+        self.counters.sent(n);
         if !slot.ctl.touched {
             slot.ctl.touched = true;
             self.touched.push(key);
         }
     }
-}
-
-/// Per-loop counters, published to `LoopStats` once per turn.
-#[derive(Default)]
-struct Counters {
-    open: u64,
-    accepted: u64,
-    refused: u64,
-    closed: u64,
-    messages_in: u64,
-    messages_out: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    recv_buffer_waits: u64,
-    timed_out: u64,
-    broadcast_skipped: u64,
-    accept_pauses: u64,
-    handler_panics: u64,
-    jobs_done: u64,
-    jobs_discarded: u64,
-    denied: u64,
 }
 
 pub(crate) struct EventLoop<H: Handler> {
@@ -164,7 +143,7 @@ struct Core<H: Handler> {
     /// The groups of this loop's connections.
     groups: crate::groups::LoopGroups,
     /// Who may connect, as this loop last read it.
-    rules: crate::rules::LoopRules,
+    rules: crate::access::LoopRules,
     /// Job results that came back before an earlier job of their
     /// connection, by (slot, sequence number); emptied as they are applied
     /// or their connection closes.
@@ -225,7 +204,7 @@ impl<H: Handler> EventLoop<H> {
         handle.shared.loops[config.index]
             .mailbox
             .set_waker(driver.waker());
-        let rules = crate::rules::LoopRules::new(&handle.shared.rules);
+        let rules = crate::access::LoopRules::new(&handle.shared.access.rules);
         EventLoop {
             driver,
             core: Core {
@@ -351,7 +330,7 @@ impl<H: Handler> Core<H> {
                 self.counters.accept_pauses += 1;
                 if let Some(socket) = &l.socket {
                     let shed = self.reserve.shed(socket);
-                    self.counters.refused += shed as u64;
+                    self.counters.shed += shed as u64;
                 }
                 tracing::warn!(error = %e, "accept failed; pausing accepts");
                 l.retry_at = Some(self.now + ACCEPT_BACKOFF);
@@ -383,8 +362,8 @@ impl<H: Handler> Core<H> {
                 if let Some(key) = self.lookup(id) {
                     let slot = &mut self.conns[key as usize];
                     match slot.ctl.send_shared(msg, usize::MAX) {
-                        Ok(()) => {
-                            self.counters.messages_out += 1;
+                        Ok(n) => {
+                            self.counters.sent(n);
                             self.touch(key);
                         }
                         Err(e) => {
@@ -404,6 +383,7 @@ impl<H: Handler> Core<H> {
             }
             Command::Connect(dial) => self.connect(driver, dial),
             Command::StopReconnect(token) => self.stop_reconnect(token),
+            Command::Kick(net) => self.kick(net),
             Command::Adopt(socket, peer) => self.adopt(socket, peer),
             Command::Shutdown(until) => self.begin_shutdown(driver, until),
             Command::JobDone(done) => self.job_done(done),
@@ -425,6 +405,23 @@ impl<H: Handler> Core<H> {
         }
         for key in fan.slow {
             self.close(key, CloseReason::SlowPeer, false);
+        }
+    }
+
+    /// Closes (after a flush) every open connection from `net`.
+    fn kick(&mut self, net: ipnet::IpNet) {
+        let banned: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, s)| {
+                !s.outbound
+                    && matches!(s.phase, Phase::Open(_))
+                    && net.contains(&s.peer.ip().to_canonical())
+            })
+            .map(|(k, _)| k as u32)
+            .collect();
+        for key in banned {
+            self.close(key, CloseReason::Banned, true);
         }
     }
 
@@ -617,26 +614,7 @@ impl<H: Handler> Core<H> {
     }
 
     fn publish(&self) {
-        let s = &self.shared().stats;
-        let c = &self.counters;
-        s.open.store(c.open, Ordering::Relaxed);
-        s.accepted.store(c.accepted, Ordering::Relaxed);
-        s.refused.store(c.refused, Ordering::Relaxed);
-        s.closed.store(c.closed, Ordering::Relaxed);
-        s.messages_in.store(c.messages_in, Ordering::Relaxed);
-        s.messages_out.store(c.messages_out, Ordering::Relaxed);
-        s.bytes_in.store(c.bytes_in, Ordering::Relaxed);
-        s.bytes_out.store(c.bytes_out, Ordering::Relaxed);
-        s.recv_buffer_waits
-            .store(c.recv_buffer_waits, Ordering::Relaxed);
-        s.timed_out.store(c.timed_out, Ordering::Relaxed);
-        s.broadcast_skipped
-            .store(c.broadcast_skipped, Ordering::Relaxed);
-        s.accept_pauses.store(c.accept_pauses, Ordering::Relaxed);
-        s.handler_panics.store(c.handler_panics, Ordering::Relaxed);
-        s.jobs_done.store(c.jobs_done, Ordering::Relaxed);
-        s.jobs_discarded.store(c.jobs_discarded, Ordering::Relaxed);
-        s.denied.store(c.denied, Ordering::Relaxed);
+        self.shared().stats.publish(&self.counters);
     }
 
     fn finished(&self, driver: &Driver) -> bool {
@@ -659,6 +637,7 @@ impl<H: Handler> Core<H> {
                 self.close(key, CloseReason::LoopFailed, false);
             }
             let slot = self.conns.remove(key as usize);
+            self.counters.bytes_dropped += slot.ctl.unsent as u64;
             if let (Phase::Connecting, Some(dial)) = (&slot.phase, slot.dial) {
                 self.handle.shared.release(None);
                 self.guard_connect_failed(ConnectFailure {
@@ -697,7 +676,7 @@ impl<H: Handler> Core<H> {
                     retry_in: None,
                 }),
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
-                Command::Adopt(..) => self.counters.refused += 1,
+                Command::Adopt(..) => self.counters.refused_shutdown += 1,
                 Command::JobDone(_) => self.counters.jobs_discarded += 1,
                 // Counted in the registry when posted: uncount it.
                 Command::Join(_, group) => shared_groups.remove(self.index, &group),
@@ -706,7 +685,8 @@ impl<H: Handler> Core<H> {
                 | Command::Leave(..)
                 | Command::Disconnect(_)
                 | Command::Shutdown(_)
-                | Command::StopReconnect(_) => {}
+                | Command::StopReconnect(_)
+                | Command::Kick(_) => {}
             }
         }
         self.publish();

@@ -1,5 +1,4 @@
-//! Who may connect: allow and deny lists of networks, checked when a
-//! connection is accepted, before any callback and before it gets a slot.
+//! Allow and deny lists of networks.
 //!
 //! The lists are shared by every loop and can be replaced at runtime
 //! (`Handle::set_ip_rules`). Each loop keeps the set it last read and looks
@@ -43,7 +42,7 @@ pub struct BadNetwork {
     text: String,
 }
 
-fn parse(text: &str) -> Result<IpNet, BadNetwork> {
+pub(crate) fn parse(text: &str) -> Result<IpNet, BadNetwork> {
     let bad = || BadNetwork {
         text: text.to_owned(),
     };
