@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::access::{AcceptLimiter, AcceptRate, Access, Bans, IpRules, SharedRules};
 use crate::backend::Backend;
 use crate::codec::Framing;
 use crate::event_loop::{EventLoop, LoopConfig};
@@ -15,7 +16,6 @@ use crate::handler::Handler;
 use crate::id::{next_server_tag, MAX_LOOPS, MAX_SLOTS};
 use crate::limits::{ConnCounter, Limits};
 use crate::pool::Pool;
-use crate::access::{AcceptLimiter, AcceptRate, Access, Bans, IpRules, SharedRules};
 use crate::server::Server;
 use crate::sys::{self, DriverConfig, Listener, Share};
 

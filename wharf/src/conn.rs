@@ -178,7 +178,11 @@ impl ConnCtl {
     }
 
     /// Queues `msg` (shared, not copied) unless refused; the bytes queued.
-    pub(crate) fn send_shared(&mut self, msg: Bytes, high_water: usize) -> Result<usize, SendError> {
+    pub(crate) fn send_shared(
+        &mut self,
+        msg: Bytes,
+        high_water: usize,
+    ) -> Result<usize, SendError> {
         self.admit(high_water)?;
         let n = self
             .out

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::access::{parse_network, Access, BadNetwork, Ban, IpRules};
 use crate::codec::Framing;
 use crate::conn::too_large;
 use crate::connect::{Connect, Dial};
@@ -20,7 +21,6 @@ use crate::id::{ConnId, LiveTable};
 use crate::limits::{client_network, Cap, ConnCounter, Limits};
 use crate::mailbox::{Command, Mailbox};
 use crate::pool::Pool;
-use crate::access::{parse_network, Access, BadNetwork, Ban, IpRules};
 use crate::stats::{LoopStats, Stats};
 
 /// Reaches a server's connections from any thread. Cheap to clone.
@@ -292,6 +292,20 @@ impl Handle {
         s.jobs_queued = self.shared.pool.queued() as u64;
         s.jobs_refused = self.shared.pool.refused();
         s
+    }
+
+    /// The counters of each loop, in loop order (the jobs' figures, which
+    /// are the pool's, are in [`stats`](Self::stats) only).
+    pub fn loop_stats(&self) -> Vec<Stats> {
+        self.shared
+            .loops
+            .iter()
+            .map(|l| {
+                let mut s = Stats::of_loops(std::iter::once(l.stats.read()));
+                s.failed_loops = u64::from(l.failed.load(Ordering::Acquire));
+                s
+            })
+            .collect()
     }
 
     fn check_running(&self) -> Result<(), SendError> {

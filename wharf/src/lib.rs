@@ -42,15 +42,18 @@ mod handler;
 mod id;
 mod limits;
 mod mailbox;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 mod pool;
 #[cfg(all(unix, any(test, fuzzing)))]
 mod scripted;
 mod sendq;
-mod stats;
 mod server;
+mod stats;
 mod sys;
 mod timer;
 
+pub use access::{AcceptRate, BadNetwork, Ban, IpRules};
 pub use backend::Backend;
 pub use builder::Builder;
 pub use bytes::Bytes;
@@ -64,7 +67,6 @@ pub use handle::Handle;
 pub use handler::{Accept, Handler};
 pub use id::ConnId;
 pub use pool::SubmitError;
-pub use access::{AcceptRate, BadNetwork, Ban, IpRules};
 pub use server::Server;
 pub use stats::Stats;
 

@@ -170,9 +170,7 @@ impl Stats {
             messages_out: c.messages_out,
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
-            queued_bytes: c
-                .bytes_queued
-                .saturating_sub(c.bytes_out + c.bytes_dropped),
+            queued_bytes: c.bytes_queued.saturating_sub(c.bytes_out + c.bytes_dropped),
             recv_buffer_waits: c.recv_buffer_waits,
             backpressure_pauses: c.backpressure_pauses,
             timed_out: c.timed_out,

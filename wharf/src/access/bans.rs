@@ -137,7 +137,9 @@ impl Bans {
                 return false;
             }
             let len = (i - first) as u8;
-            let net = IpNet::new(ip, len).expect("a prefix length within the family's").trunc();
+            let net = IpNet::new(ip, len)
+                .expect("a prefix length within the family's")
+                .trunc();
             t.by_net
                 .get(&net)
                 .is_some_and(|&key| t.bans[key].until > now)
@@ -229,7 +231,10 @@ mod tests {
         assert!(bans.is_banned(ip("192.168.7.1"), t0), "host bits dropped");
         let listed = bans.list(t0);
         assert_eq!(
-            listed.iter().map(|b| b.network.as_str()).collect::<Vec<_>>(),
+            listed
+                .iter()
+                .map(|b| b.network.as_str())
+                .collect::<Vec<_>>(),
             ["10.0.0.1/32", "192.168.7.0/24", "2001:db8:1:2::/64"]
         );
         // Past 2 s the first is gone from the table, not only ignored.
@@ -250,7 +255,10 @@ mod tests {
         bans.ban(net("10.0.0.0/8"), Duration::from_secs(1), t0);
         bans.ban(net("10.0.0.0/8"), Duration::from_secs(60), t0);
         let later = t0 + Duration::from_secs(5);
-        assert!(bans.is_banned(ip("10.9.9.9"), later), "the old entry did not lift it");
+        assert!(
+            bans.is_banned(ip("10.9.9.9"), later),
+            "the old entry did not lift it"
+        );
         assert_eq!(bans.list(later).len(), 1);
         assert!(bans.unban(net("10.0.0.0/8"), later));
         assert!(!bans.unban(net("10.0.0.0/8"), later));

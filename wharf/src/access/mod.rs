@@ -49,7 +49,12 @@ impl Refused {
 impl Access {
     /// Whether a peer at `ip`, accepted at `now`, may connect; `rules` is
     /// the calling loop's copy of the lists.
-    pub(crate) fn check(&self, rules: &mut LoopRules, ip: IpAddr, now: Instant) -> Result<(), Refused> {
+    pub(crate) fn check(
+        &self,
+        rules: &mut LoopRules,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<(), Refused> {
         if !rules.permits(&self.rules, ip) {
             return Err(Refused::Denied);
         }

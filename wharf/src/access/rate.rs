@@ -235,12 +235,17 @@ mod tests {
         // The same /64: the same client, whose burst of one is spent.
         assert_eq!(l.admit(ip("2001:db8:1:2:ffff::2"), t0), Err(Over::PerIp));
         assert!(l.admit(ip("2001:db8:1:3::1"), t0).is_ok());
-        assert!(l.admit(ip("2001:db8:1:2::1"), t0 + Duration::from_millis(100)).is_ok());
+        assert!(l
+            .admit(ip("2001:db8:1:2::1"), t0 + Duration::from_millis(100))
+            .is_ok());
         // The global bucket, alone: 1,000 at once, then none.
         let g = AcceptLimiter::new(Some(AcceptRate::per_second(1000)), None, 64, t0);
         let t1 = t0 + Duration::from_secs(1);
         let passed = (0..2000u32)
-            .filter(|i| g.admit(ip(&format!("10.0.{}.{}", i / 250, i % 250)), t1).is_ok())
+            .filter(|i| {
+                g.admit(ip(&format!("10.0.{}.{}", i / 250, i % 250)), t1)
+                    .is_ok()
+            })
             .count();
         assert_eq!(passed, 1000);
     }

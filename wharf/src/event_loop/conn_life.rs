@@ -147,8 +147,7 @@ impl<H: Handler> Core<H> {
                 // Not kept, as if refused, but what on_open queued is dropped.
                 self.panicked("on_open", &id, &why);
                 self.shared().live.set_closed(key);
-                self.counters
-                    .count_close(CloseReason::HandlerPanic.kind());
+                self.counters.count_close(CloseReason::HandlerPanic.kind());
                 self.start_closing(key, false, false);
                 return;
             }
