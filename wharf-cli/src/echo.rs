@@ -114,7 +114,7 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let server = args.serve.bind(builder)?.start(Echo {
         work_us: args.work_us,
     })?;
-    serve::announce("echo", &server);
+    let _metrics = serve::announce("echo", &server, &args.serve)?;
 
     let handle = server.handle();
     let mut last = (Instant::now(), handle.stats());
@@ -126,8 +126,8 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let total = handle.stats();
     serve::shutdown(server)?;
     println!(
-        "total: {} connections, {} messages in, {} bytes in, {} bytes out, {} refused by --allow/--deny",
-        total.accepted, total.messages_in, total.bytes_in, total.bytes_out, total.denied
+        "total: {} connections, {} messages in, {} bytes in, {} bytes out, {} refused by --allow/--deny, {} over --accept-rate, {} over caps",
+        total.accepted, total.messages_in, total.bytes_in, total.bytes_out, total.denied, total.rate_limited, total.refused
     );
     Ok(())
 }

@@ -33,6 +33,20 @@ pub(crate) struct ServeArgs {
     /// Refuse peers in this network (repeat for more); wins over --allow.
     #[arg(long, value_name = "CIDR")]
     pub(crate) deny: Vec<String>,
+    /// Accept at most N connections a second in all (N/s or N/min; the
+    /// burst is a second's worth); the rest are reset at accept.
+    #[arg(long, value_name = "N/s")]
+    pub(crate) accept_rate: Option<wharf::AcceptRate>,
+    /// Accept at most N connections a second from one address (IPv6 by
+    /// /64).
+    #[arg(long, value_name = "N/s")]
+    pub(crate) accept_rate_per_ip: Option<wharf::AcceptRate>,
+    /// Most connections open at once from one address (IPv6 by /64).
+    #[arg(long, value_name = "N")]
+    pub(crate) max_per_ip: Option<usize>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<String>,
 }
 
 /// `--backend` values.
@@ -68,7 +82,16 @@ impl ServeArgs {
         for net in &self.deny {
             rules = rules.deny(net).map_err(|e| format!("--deny: {e}"))?;
         }
-        let builder = builder.ip_rules(rules);
+        let mut builder = builder.ip_rules(rules);
+        if let Some(r) = self.accept_rate {
+            builder = builder.accept_rate(r);
+        }
+        if let Some(r) = self.accept_rate_per_ip {
+            builder = builder.accept_rate_per_ip(r);
+        }
+        if let Some(n) = self.max_per_ip {
+            builder = builder.max_connections_per_ip(n);
+        }
         builder
             .bind(self.addr.as_str())
             .map_err(|e| format!("cannot listen on {}: {e}", self.addr).into())
@@ -123,13 +146,25 @@ impl Stop {
     }
 }
 
-/// Prints where `server` listens, for people and for scripts.
-pub(crate) fn announce(what: &str, server: &Server) {
+/// Prints where `server` listens, for people and for scripts, and starts
+/// its metrics endpoint if `--metrics` asks (it serves until dropped).
+pub(crate) fn announce(
+    what: &str,
+    server: &Server,
+    args: &ServeArgs,
+) -> Result<Option<wharf::metrics::Endpoint>, Box<dyn Error>> {
     println!(
         "{what} server listening on {} ({:?} backend)",
         server.local_addr(),
         server.backend()
     );
+    let Some(addr) = &args.metrics else {
+        return Ok(None);
+    };
+    let endpoint = wharf::metrics::Endpoint::start(server.handle(), addr.as_str())
+        .map_err(|e| format!("--metrics: cannot listen on {addr}: {e}"))?;
+    println!("metrics at http://{}/metrics", endpoint.local_addr());
+    Ok(Some(endpoint))
 }
 
 /// Drains and stops `server`, saying how long it took.

@@ -37,6 +37,7 @@
 //! | `wharf_handler_panics`, `wharf_timeouts`, `wharf_accept_pauses`, `wharf_recv_buffer_waits` | counter | |
 //! | `wharf_jobs_done`, `wharf_jobs_discarded`, `wharf_jobs_refused` | counter | |
 //! | `wharf_jobs_queued`, `wharf_loops`, `wharf_failed_loops`, `wharf_bans`, `wharf_groups` | gauge | |
+//! | `process_cpu_seconds` (Unix) | counter | |
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -296,7 +297,36 @@ impl Collector for Figures {
             "Groups with members on this server.",
             handle.groups().len() as u64,
         )?;
+        if let Some(secs) = process_cpu_secs() {
+            let c = ConstCounter::new(secs);
+            let m = e.encode_descriptor(
+                "process_cpu_seconds",
+                "CPU time of the whole process, user and system.",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+        }
         Ok(())
+    }
+}
+
+/// The process's CPU time, user and system (Unix; `None` elsewhere).
+fn process_cpu_secs() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given, which is a
+        // valid, zeroed `rusage` owned by this frame.
+        let usage = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            (libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0).then_some(u)
+        }?;
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 

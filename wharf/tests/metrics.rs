@@ -109,7 +109,8 @@ fn scraped_counters_equal_the_traffic() {
         assert!(read_frame(&mut s).is_err(), "oversized: closed");
         // Two denied, one banned.
         let from = |ip: [u8; 4]| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
             s.connect(&addr.into()).unwrap();
             let mut s: TcpStream = s.into();
@@ -139,7 +140,11 @@ fn scraped_counters_equal_the_traffic() {
         // Messages: 100 echoed, plus "close" and "panic" received.
         assert_eq!(total(f("wharf_messages_received")), 102);
         assert_eq!(total(f("wharf_messages_sent")), 100);
-        assert_eq!(f("wharf_messages_received").iter_samples().count(), 2, "one per loop");
+        assert_eq!(
+            f("wharf_messages_received").iter_samples().count(),
+            2,
+            "one per loop"
+        );
         assert_eq!(total(f("wharf_connections_opened")), 8);
         assert_eq!(total(f("wharf_connections_open")), 0);
         let closed = f("wharf_connections_closed");
@@ -160,7 +165,10 @@ fn scraped_counters_equal_the_traffic() {
         let stats = handle.stats();
         assert_eq!(total(f("wharf_received_bytes")), stats.bytes_in);
         assert_eq!(total(f("wharf_sent_bytes")), stats.bytes_out);
-        assert_eq!(f("wharf_connections_closed").family_type, OpenMetricsType::Counter);
+        assert_eq!(
+            f("wharf_connections_closed").family_type,
+            OpenMetricsType::Counter
+        );
 
         let (status, _, _) = get(endpoint.local_addr(), "/nothing");
         assert_eq!(status, "HTTP/1.1 404 Not Found");

@@ -67,6 +67,7 @@ pub fn colour(kind: ServerKind) -> &'static str {
     match kind {
         ServerKind::WharfUring => "#1f4e9c",
         ServerKind::WharfPoll => "#6f9fe0",
+        ServerKind::WharfUringMetrics => "#0b2a5c",
         ServerKind::TokioFramed => "#e07b1f",
         ServerKind::TokioRaw => "#f2b36f",
         ServerKind::StdThreads => "#8a8a8a",

@@ -81,7 +81,7 @@ pub(crate) fn run(args: Args) -> Result<(), Box<dyn Error>> {
         .serve
         .bind(builder)?
         .start(Chat::new(tag, cluster.clone()))?;
-    serve::announce("chat", &server);
+    let _metrics = serve::announce("chat", &server, &args.serve)?;
     if let Some(c) = &cluster {
         if c.wait_linked(Duration::from_secs(5)) {
             tracing::info!(

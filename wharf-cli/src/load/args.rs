@@ -41,6 +41,19 @@ pub struct Args {
     /// Client event-loop threads.
     #[arg(long, value_name = "N", default_value_t = 1)]
     threads: usize,
+    /// The server's Prometheus endpoint (HOST:PORT): its figures for the
+    /// window (messages, closes by reason, refusals by cause, CPU) are
+    /// printed next to the client's.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Also flood the server with N connects a second (each reset after
+    /// 100 ms) from --flood-source during the window.
+    #[arg(long, value_name = "N/s")]
+    flood: Option<wharf::AcceptRate>,
+    /// The source address of the flood (another loopback address than the
+    /// load's own clients, so that per-address limits tell them apart).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.2")]
+    flood_source: std::net::IpAddr,
     /// Also write the report as JSON to PATH (`-`: stdout, and the table
     /// goes to stderr).
     #[arg(long, value_name = "PATH")]
@@ -82,6 +95,15 @@ impl Args {
         };
         config.idle = self.idle;
         config.threads = self.threads;
+        if let Some(m) = &self.metrics {
+            let addr = m
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve --metrics {m}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--metrics {m} resolves to no address"))?;
+            config.metrics = Some(addr);
+        }
+        config.flood = self.flood.map(|r| (r.rate(), self.flood_source));
         Ok(config)
     }
 }

@@ -23,10 +23,12 @@
 
 mod args;
 mod client;
+mod flood;
 mod pacer;
 mod pattern;
 mod progress;
 mod report;
+mod server;
 mod shared;
 
 use std::net::SocketAddr;
@@ -39,7 +41,9 @@ use serde::{Deserialize, Serialize};
 use wharf::{Handle, Server};
 
 pub use args::{cli, Args};
+pub use flood::FloodReport;
 pub use report::{Latency, Report};
+pub use server::ServerFigures;
 
 use client::LoadHandler;
 use progress::Progress;
@@ -105,6 +109,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Print a progress line on stderr once a second (default true).
     pub progress: bool,
+    /// The server's Prometheus endpoint, scraped when the window opens
+    /// and closes (its figures are reported next to the client's).
+    pub metrics: Option<SocketAddr>,
+    /// A connect flood during the window: so many connects a second from
+    /// this source address.
+    pub flood: Option<(u32, std::net::IpAddr)>,
 }
 
 impl Config {
@@ -123,6 +133,8 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(2),
             progress: true,
+            metrics: None,
+            flood: None,
         }
     }
 
@@ -170,6 +182,9 @@ pub enum LoadError {
         /// The first failure seen.
         reason: String,
     },
+    /// The server's metrics endpoint could not be read.
+    #[error("--metrics: {0}")]
+    Metrics(String),
     /// A client loop panicked (a bug in the load generator).
     #[error("a client loop panicked")]
     Panicked,
@@ -233,13 +248,24 @@ pub fn run(config: &Config) -> Result<Report, LoadError> {
         None => None,
     };
 
+    let flood = match config.flood {
+        Some((rate, source)) => Some(
+            flood::spawn(source, config.addr, rate, window_start, window_end)
+                .map_err(LoadError::Start)?,
+        ),
+        None => None,
+    };
     let mut progress = Progress::new(config.progress, t0);
     let mut cpu_start = None;
+    let mut scraped = None;
     let mut next_tick = t0 + Duration::from_secs(1);
     loop {
         let now = Instant::now();
         if cpu_start.is_none() && now >= window_start {
             cpu_start = Some(report::process_cpu_secs());
+            if let Some(addr) = config.metrics {
+                scraped = Some(server::scrape(addr).map_err(LoadError::Metrics)?);
+            }
         }
         if now >= window_end {
             break;
@@ -260,7 +286,18 @@ pub fn run(config: &Config) -> Result<Report, LoadError> {
         );
     }
     let cpu_end = report::process_cpu_secs();
+    let server = match (config.metrics, &scraped) {
+        (Some(addr), Some(before)) => {
+            let after = server::scrape(addr).map_err(LoadError::Metrics)?;
+            Some(ServerFigures::between(before, &after))
+        }
+        _ => None,
+    };
     progress.finish();
+    let flood = match flood {
+        Some(f) => Some(f.join().map_err(|_| LoadError::Panicked)?),
+        None => None,
+    };
 
     let paced = match pacer {
         Some(p) => p.join().map_err(|_| LoadError::Panicked)?,
@@ -309,6 +346,8 @@ pub fn run(config: &Config) -> Result<Report, LoadError> {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
+        server,
+        flood,
         ok: errors == 0 && failed == 0 && dropped == 0,
     })
 }

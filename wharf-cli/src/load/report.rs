@@ -64,6 +64,13 @@ pub struct Report {
     /// CPU time this process (the load generator) used during the window,
     /// user plus system, in seconds (Linux only).
     pub client_cpu_secs: Option<f64>,
+    /// What the server's own metrics say it did in the window
+    /// (`--metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<super::ServerFigures>,
+    /// The connect flood run alongside (`--flood`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flood: Option<super::FloodReport>,
     /// No errors, and every connection opened and stayed open.
     pub ok: bool,
 }
@@ -154,6 +161,42 @@ impl fmt::Display for Report {
         }
         if let Some(why) = &self.first_failure {
             writeln!(f, "  first failure   {why}")?;
+        }
+        if let Some(fl) = &self.flood {
+            writeln!(
+                f,
+                "  flood           {} connects tried from {} ({:.0}/s), {} completed",
+                fl.tried, fl.source, fl.per_sec, fl.connected
+            )?;
+        }
+        if let Some(s) = &self.server {
+            let list = |m: &std::collections::BTreeMap<String, u64>| {
+                if m.is_empty() {
+                    return "none".to_owned();
+                }
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            writeln!(
+                f,
+                "  server          {} messages in, {} out, {} connections opened",
+                s.messages_in, s.messages_out, s.opened
+            )?;
+            writeln!(f, "  server closed   {}", list(&s.closed))?;
+            writeln!(f, "  server refused  {}", list(&s.refused))?;
+            if let Some(cpu) = s.cpu_secs {
+                write!(
+                    f,
+                    "  server CPU      {cpu:.2} s ({:.0}% of one core)",
+                    100.0 * cpu / self.duration_secs.max(1e-9)
+                )?;
+                match s.cpu_us_per_message {
+                    Some(us) => writeln!(f, ", {us:.2} µs per message")?,
+                    None => writeln!(f)?,
+                }
+            }
         }
         write!(
             f,

@@ -60,6 +60,10 @@ pub enum ServerKind {
     WharfUring,
     /// wharf on readiness polling (epoll), one loop.
     WharfPoll,
+    /// wharf-uring with its Prometheus endpoint on, scraped once a second
+    /// from inside its process (so that the scrapes' cost is its own): the
+    /// cost of metrics. Run only when named (`--servers`).
+    WharfUringMetrics,
     /// tokio, current-thread runtime, tokio-util's `LengthDelimitedCodec`
     /// through `Framed` (the baseline most Rust users would write).
     TokioFramed,
@@ -95,9 +99,10 @@ impl ServerKind {
     /// Whether this build (this OS) has the server.
     pub fn available(self) -> bool {
         match self {
-            ServerKind::WharfUring | ServerKind::Monoio | ServerKind::UringRaw => {
-                cfg!(target_os = "linux")
-            }
+            ServerKind::WharfUring
+            | ServerKind::WharfUringMetrics
+            | ServerKind::Monoio
+            | ServerKind::UringRaw => cfg!(target_os = "linux"),
             ServerKind::WharfPoll => cfg!(unix),
             ServerKind::TokioFramed | ServerKind::TokioRaw | ServerKind::StdThreads => true,
         }
@@ -108,6 +113,7 @@ impl ServerKind {
         match self {
             ServerKind::WharfUring => "wharf-uring",
             ServerKind::WharfPoll => "wharf-poll",
+            ServerKind::WharfUringMetrics => "wharf-uring-metrics",
             ServerKind::TokioFramed => "tokio-framed",
             ServerKind::TokioRaw => "tokio-raw",
             ServerKind::StdThreads => "std-threads",
@@ -118,7 +124,10 @@ impl ServerKind {
 
     /// Whether it is one of wharf's own.
     pub fn is_wharf(self) -> bool {
-        matches!(self, ServerKind::WharfUring | ServerKind::WharfPoll)
+        matches!(
+            self,
+            ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics
+        )
     }
 
     /// How it reads its input: framed (cuts messages) or raw (echoes bytes).
@@ -126,6 +135,7 @@ impl ServerKind {
         match self {
             ServerKind::WharfUring
             | ServerKind::WharfPoll
+            | ServerKind::WharfUringMetrics
             | ServerKind::TokioFramed
             | ServerKind::StdThreads => "framed",
             ServerKind::TokioRaw | ServerKind::Monoio | ServerKind::UringRaw => "raw",
@@ -195,8 +205,12 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
         std::thread::spawn(exit_when_stdin_closes);
     };
     match args.kind {
-        ServerKind::WharfUring | ServerKind::WharfPoll => {
+        ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics => {
             let server = wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref())?;
+            let _metrics = match args.kind {
+                ServerKind::WharfUringMetrics => Some(wharf_echo::scraped_endpoint(&server)?),
+                _ => None,
+            };
             ready(server.local_addr());
             exit_when_stdin_closes();
             Ok(())

@@ -78,3 +78,20 @@ pub(super) fn start(
     }
     Ok(server)
 }
+
+/// Starts `server`'s Prometheus endpoint on a free loopback port and a
+/// thread that scrapes it once a second (reading the whole answer), as a
+/// Prometheus server would, but more often than most do.
+pub(super) fn scraped_endpoint(server: &Server) -> io::Result<wharf::metrics::Endpoint> {
+    use std::io::{Read, Write};
+    let endpoint = wharf::metrics::Endpoint::start(server.handle(), "127.0.0.1:0")?;
+    let addr = endpoint.local_addr();
+    std::thread::spawn(move || loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n");
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    });
+    Ok(endpoint)
+}
