@@ -51,7 +51,7 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
         Scenario::Echo { .. } => {
             let _ = writeln!(
                 out,
-                "  {:<13} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
+                "  {:<19} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
                 "server",
                 "",
                 "msg/s",
@@ -67,7 +67,7 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
                 let m = &x.median;
                 let _ = write!(
                     out,
-                    "  {:<13} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
+                    "  {:<19} {:>5} {:>10} {:>7} {:>9} {:>10} {:>7} {:>6} {:>6} {:>7}",
                     x.server.name(),
                     x.server.framing(),
                     num(m.messages_per_sec, 0),
@@ -95,13 +95,13 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
         Scenario::Idle { connections } => {
             let _ = writeln!(
                 out,
-                "  {:<13} {:>12} {:>7} {:>12}",
+                "  {:<19} {:>12} {:>7} {:>12}",
                 "server", "B/conn", "×wharf", "RSS MiB"
             );
             for x in &s.summary {
                 let _ = write!(
                     out,
-                    "  {:<13} {:>12} {:>7} {:>12}",
+                    "  {:<19} {:>12} {:>7} {:>12}",
                     x.server.name(),
                     num(x.median.bytes_per_conn, 0),
                     ratio(x.ratio.bytes_per_conn),
@@ -119,14 +119,14 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
         Scenario::CrossNode { .. } => {
             let _ = writeln!(
                 out,
-                "  {:<13} {:>9} {:>9} {:>13} {:>16} {:>9}",
+                "  {:<19} {:>9} {:>9} {:>13} {:>16} {:>9}",
                 "server", "p50 µs", "p99 µs", "deliveries/s", "B+C CPU µs/del.", "Redis µs"
             );
             for x in &s.summary {
                 let m = &x.median;
                 let _ = write!(
                     out,
-                    "  {:<13} {:>9} {:>9} {:>13} {:>16} {:>9}",
+                    "  {:<19} {:>9} {:>9} {:>13} {:>16} {:>9}",
                     x.server.name(),
                     num(m.p50_us, 0),
                     num(m.p99_us, 0),
@@ -144,14 +144,14 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
         Scenario::Broadcast { .. } | Scenario::Group { .. } => {
             let _ = writeln!(
                 out,
-                "  {:<13} {:>12} {:>7} {:>14} {:>7} {:>7}",
+                "  {:<19} {:>12} {:>7} {:>14} {:>7} {:>7}",
                 "server", "ms to all", "×wharf", "CPU µs/deliv.", "×wharf", "RSS MiB"
             );
             for x in &s.summary {
                 let m = &x.median;
                 let _ = write!(
                     out,
-                    "  {:<13} {:>12} {:>7} {:>14} {:>7} {:>7}",
+                    "  {:<19} {:>12} {:>7} {:>14} {:>7} {:>7}",
                     x.server.name(),
                     num(m.fanout_ms, 2),
                     ratio(x.ratio.fanout_ms),

@@ -19,6 +19,14 @@ use crate::limits::Cap;
 use crate::mailbox::Command;
 use crate::sys::{self, Driver, Flow, RecvEnd, SendBatch, Socket};
 
+/// The span a connection's callbacks run in (entered for a whole batch of
+/// messages, not per message): what the handler logs there carries the
+/// connection's id, and a subscriber can follow one connection. While the
+/// span is disabled this is one check of a cached interest.
+fn conn_span(id: ConnId) -> tracing::span::EnteredSpan {
+    tracing::debug_span!("conn", conn = %id).entered()
+}
+
 impl<H: Handler> Core<H> {
     pub(super) fn accepted(&mut self, _listener: u32, socket: Socket, peer: Option<SocketAddr>) {
         let peer = match peer.map_or_else(|| sys::peer_addr(&socket), Ok) {
@@ -176,6 +184,7 @@ impl<H: Handler> Core<H> {
         f: impl FnOnce(&mut Conn<'_, H::State>) -> R,
     ) -> R {
         let id = self.id_of(key);
+        let _span = conn_span(id);
         let slot = &mut self.conns[key as usize];
         let mut conn = Conn {
             id,
@@ -240,6 +249,7 @@ impl<H: Handler> Core<H> {
             return;
         };
         let handler = &*self.handler;
+        let _span = conn_span(id);
         let mut messages = 0u64;
         let mut panic = None;
         let mut conn = Conn {
