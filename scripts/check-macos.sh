@@ -12,5 +12,5 @@ if ! rustup target list --installed | grep -qx "$target"; then
         exit 0
     fi
 fi
-RUSTFLAGS="-D warnings" cargo check -p wharf --features redis --all-targets --target "$target"
+RUSTFLAGS="-D warnings" cargo check -p wharf --features redis,prometheus --all-targets --target "$target"
 echo "macOS check: ok"
