@@ -218,6 +218,10 @@ fn a_handler_bans_the_peer_it_is_talking_to() {
         let (addr, handle) = (server.local_addr(), server.handle());
         let mut other = connect_from([127, 0, 0, 2], addr);
         let mut same_host = connect_from([127, 0, 0, 3], addr);
+        // Open on the server's side before the ban (a connect completes
+        // in the kernel's backlog before the server has accepted it).
+        write_frame(&mut same_host, b"ok");
+        assert_eq!(read_frame(&mut same_host).unwrap(), b"ok");
         let mut bad = connect_from([127, 0, 0, 3], addr);
         for _ in 0..3 {
             write_frame(&mut bad, b"garbage");

@@ -408,15 +408,21 @@ impl<H: Handler> Core<H> {
         }
     }
 
-    /// Closes (after a flush) every open connection from `net`.
+    /// Closes (after a flush) every open connection from `net`, a network
+    /// just banned, while the ban is in force: a ban lifted before this
+    /// command arrived closes nothing (connections accepted since were let
+    /// in after the unban).
     fn kick(&mut self, net: ipnet::IpNet) {
+        let bans = &self.handle.shared.access.bans;
         let banned: Vec<u32> = self
             .conns
             .iter()
             .filter(|(_, s)| {
+                let ip = s.peer.ip().to_canonical();
                 !s.outbound
                     && matches!(s.phase, Phase::Open(_))
-                    && net.contains(&s.peer.ip().to_canonical())
+                    && net.contains(&ip)
+                    && bans.is_banned(ip, self.now)
             })
             .map(|(k, _)| k as u32)
             .collect();
