@@ -132,13 +132,16 @@ mod tests {
         // One client rotating through its /64 is one client.
         assert!(c.admit(Some(ip("2001:db8:1:2::1")), &l).is_ok());
         assert!(c.admit(Some(ip("2001:db8:1:2:ffff::9")), &l).is_ok());
-        assert!(!c.admit(Some(ip("2001:db8:1:2:dead:beef:0:1")), &l).is_ok());
+        assert_eq!(
+            c.admit(Some(ip("2001:db8:1:2:dead:beef:0:1")), &l),
+            Err(Cap::PerIp)
+        );
         // Another /64 is another client.
         assert!(c.admit(Some(ip("2001:db8:1:3::1")), &l).is_ok());
         // IPv4 through a dual-stack listener counts with plain IPv4.
         assert!(c.admit(Some(ip("::ffff:10.0.0.1")), &l).is_ok());
         assert!(c.admit(Some(ip("10.0.0.1")), &l).is_ok());
-        assert!(!c.admit(Some(ip("10.0.0.1")), &l).is_ok());
+        assert_eq!(c.admit(Some(ip("10.0.0.1")), &l), Err(Cap::PerIp));
         c.release(Some(ip("2001:db8:1:2::1")), &l);
         assert!(c.admit(Some(ip("2001:db8:1:2::77")), &l).is_ok());
         // /128 counts exact addresses again.
@@ -150,7 +153,7 @@ mod tests {
         assert!(c.admit(Some(ip("2001:db8::1")), &exact).is_ok());
         assert!(c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
         assert!(c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
-        assert!(!c.admit(Some(ip("2001:db8::2")), &exact).is_ok());
+        assert_eq!(c.admit(Some(ip("2001:db8::2")), &exact), Err(Cap::PerIp));
         assert_eq!(client_key(ip("2001:db8::1"), 0), ip("::"));
     }
 
@@ -160,7 +163,7 @@ mod tests {
         let l = limits(2, None);
         assert!(c.admit(None, &l).is_ok());
         assert!(c.admit(None, &l).is_ok());
-        assert!(!c.admit(None, &l).is_ok());
+        assert_eq!(c.admit(None, &l), Err(Cap::Global));
         c.release(None, &l);
         assert!(c.admit(None, &l).is_ok());
     }
@@ -172,7 +175,7 @@ mod tests {
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
         assert!(c.admit(Some(a), &l).is_ok());
-        assert!(!c.admit(Some(a), &l).is_ok());
+        assert_eq!(c.admit(Some(a), &l), Err(Cap::PerIp));
         assert!(c.admit(Some(b), &l).is_ok());
         c.release(Some(a), &l);
         assert!(c.admit(Some(a), &l).is_ok());

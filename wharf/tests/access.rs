@@ -167,7 +167,7 @@ fn bans_refuse_at_accept_close_what_is_open_and_expire() {
             .ban("127.0.0.0/30", Duration::from_secs(3600))
             .unwrap();
         refused(connect_from([127, 0, 0, 3], addr));
-        assert_eq!(handle.unban("127.0.0.0/30").unwrap(), true);
+        assert!(handle.unban("127.0.0.0/30").unwrap());
         let mut three = connect_from([127, 0, 0, 3], addr);
         write_frame(&mut three, b"unbanned");
         assert_eq!(read_frame(&mut three).unwrap(), b"unbanned");
