@@ -10,7 +10,9 @@
 //! out, shuts down or breaks the driver. The handler echoes every message;
 //! a message starting with `C` is echoed and then closes its connection,
 //! one starting with `J` joins its connection to a group, one starting
-//! with `P` panics (when panics are allowed). The run ends with a shutdown.
+//! with `B` is echoed and then bans its peer (`Conn::ban_peer`), one
+//! starting with `P` panics (when panics are allowed). The host also bans
+//! and unbans clients' addresses. The run ends with a shutdown.
 //!
 //! The oracle then checks, for every client: the messages delivered are a
 //! prefix of the whole frames it wrote, byte for byte, and all of them if it
@@ -19,9 +21,11 @@
 //! flush; `on_close` ran once, with a reason its script explains, and no
 //! message came after it; an idle timeout never fired early; host sends
 //! and broadcasts arrived in order and at most once; group messages too,
-//! and only to clients that were asked to join. And for the server: no id
-//! is still open, no connection is still counted, no membership is left,
-//! and a loop whose driver failed refuses sends with `LoopFailed`.
+//! and only to clients that were asked to join; only a banned client is
+//! closed as banned or refused at accept, and every refusal is counted.
+//! And for the server: no id is still open, no connection is still
+//! counted, no membership is left, and a loop whose driver failed refuses
+//! sends with `LoopFailed`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -117,6 +121,11 @@ pub(crate) enum Step {
         client: usize,
     },
     Broadcast,
+    /// The host bans a client's address (for an hour), or lifts the ban.
+    Ban {
+        client: usize,
+        lift: bool,
+    },
     /// The host joins (or takes out) a client to group 0 or 1.
     Join {
         client: usize,
@@ -206,7 +215,7 @@ impl Plan {
                         l => (l as usize - 199) * 64,
                     }
                     .min(max_frame);
-                    let kind = input.pick(b"eeeeeeeeeeeeeCJP");
+                    let kind = input.pick(b"eeeeeeeeeeeeeeeeeeeeeeeeeCCJJPPB");
                     let bodies = (0..count)
                         .map(|_| {
                             messages += 1;
@@ -232,6 +241,14 @@ impl Plan {
                 11 => Step::Sleep(Duration::from_millis(input.byte() as u64 * 20)),
                 14 => Step::HostSend { client },
                 15 if rare(&mut input) => Step::Disconnect { client },
+                15 => match input.byte() % 8 {
+                    0 => Step::Ban {
+                        client,
+                        lift: false,
+                    },
+                    1 => Step::Ban { client, lift: true },
+                    _ => Step::Turn,
+                },
                 16 => Step::Broadcast,
                 12 => {
                     let b = input.byte();
@@ -351,6 +368,9 @@ impl Handler for Echo {
         if msg.first() == Some(&b'J') {
             conn.join(GROUPS[0]);
         }
+        if msg.first() == Some(&b'B') {
+            conn.ban_peer(Duration::from_secs(3600));
+        }
     }
 
     fn on_close(&self, conn: &mut Conn<'_, ()>, reason: CloseReason) {
@@ -381,6 +401,9 @@ struct Client {
     /// It was ever asked to join group 0 or 1 (by the host, or by a `J`
     /// message it wrote).
     joined: [bool; 2],
+    /// The host banned its address, or it wrote a `B` message (a ban may
+    /// have been lifted since).
+    banned: bool,
 }
 
 /// What a run did, for [`check`].
@@ -432,6 +455,7 @@ pub(crate) fn run(plan: &Plan) -> Run {
                 for b in bodies {
                     let c = &mut clients[*client];
                     c.joined[0] |= b.first() == Some(&b'J');
+                    c.banned |= b.first() == Some(&b'B');
                     c.pending.extend_from_slice(&(b.len() as u32).to_be_bytes());
                     c.pending.extend_from_slice(b);
                 }
@@ -505,6 +529,19 @@ pub(crate) fn run(plan: &Plan) -> Run {
                 ops.push(Op::Host(Box::new(move || {
                     let handle = h.lock().unwrap().clone().expect("handle");
                     let _ = handle.broadcast(Bytes::from(msg));
+                })));
+            }
+            Step::Ban { client, lift } => {
+                clients[*client].banned = true;
+                let h = handle_cell.clone();
+                let (ip, lift) = (fake::client_addr(*client).ip(), *lift);
+                ops.push(Op::Host(Box::new(move || {
+                    let handle = h.lock().unwrap().clone().expect("handle");
+                    if lift {
+                        let _ = handle.unban(&ip.to_string());
+                    } else {
+                        handle.ban_ip(ip, Duration::from_secs(3600));
+                    }
                 })));
             }
             Step::Join {

@@ -343,12 +343,26 @@ fn accept_rates_hold_within_ten_percent_over_five_seconds() {
         .map(|(from, to)| std::thread::spawn(move || flood(from, to, 1000, run)));
         let [(p_flood, p_took), (g2, g_took), (g3, _)] = floods.map(|t| t.join().unwrap());
         let (ph, gh) = (p.handle(), g.handle());
-        // Every connect was either opened or refused over the rate.
-        wait_until(10, "every connect seen", || {
+        // Every connect was either opened or refused over the rate. (A
+        // server that takes longer than the 100 ms a flood connection is
+        // held may never see it: under Wine that is a time bound too.)
+        let seen = || {
             let (ps, gs) = (ph.stats(), gh.stats());
-            all_seen(ps.accepted + ps.rate_limited, &[p_flood])
-                && all_seen(gs.accepted + gs.rate_limited, &[g2, g3])
-        });
+            (ps.accepted + ps.rate_limited, gs.accepted + gs.rate_limited)
+        };
+        if timing_bounds_apply("every flood connect seen") {
+            wait_until(10, "every connect seen", || {
+                let (p_seen, g_seen) = seen();
+                all_seen(p_seen, &[p_flood]) && all_seen(g_seen, &[g2, g3])
+            });
+        } else {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let (p_seen, g_seen) = seen();
+        assert!(
+            p_seen <= p_flood.tried && g_seen <= g2.tried + g3.tried,
+            "more seen than tried"
+        );
         assert!(
             p_flood.tried > 2000 && g2.tried + g3.tried > 4000,
             "the floods ran short"

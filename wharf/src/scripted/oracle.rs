@@ -40,10 +40,26 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
         if !world.ended {
             return Err("the loop finished before its script did".into());
         }
+        // A peer accepted without on_open was refused, which only a ban
+        // does here; and every such refusal is counted.
+        let mut refused = 0;
         for (i, p) in world.peers.iter().enumerate() {
             if p.accepted && p.addr.is_some_and(|a| !r.conns.contains_key(&a)) {
-                return Err(format!("peer {i} was accepted, but on_open never ran"));
+                let client = p
+                    .addr
+                    .and_then(|a| (0..run.clients.len()).find(|&j| fake::client_addr(j) == a));
+                let banned = client.is_some_and(|j| run.clients[j].banned);
+                if !banned {
+                    return Err(format!("peer {i} was accepted, but on_open never ran"));
+                }
+                refused += 1;
             }
+        }
+        let counted = run.handle.stats().banned;
+        if counted != refused {
+            return Err(format!(
+                "{refused} peers refused at accept, {counted} counted as banned"
+            ));
         }
     }
     // Flushes that nothing may cut: no write-stall timeout, no shutdown
@@ -71,8 +87,9 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
                 whole.len()
             )));
         }
-        let enders =
-            |m: &Vec<u8>| matches!(m.first(), Some(b'C')) || (s.panics && m.first() == Some(&b'P'));
+        let enders = |m: &Vec<u8>| {
+            matches!(m.first(), Some(b'C' | b'B')) || (s.panics && m.first() == Some(&b'P'))
+        };
         if let Some(k) = c.delivered.iter().position(enders) {
             if k + 1 != c.delivered.len() {
                 return Err(what(format!("message {k} closed, yet more were delivered")));
@@ -112,6 +129,7 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             }
             CloseReason::WriteStalled => s.write_stall.is_some(),
             CloseReason::Disconnected => client.disconnected,
+            CloseReason::Banned => client.banned,
             CloseReason::Shutdown => true,
             CloseReason::LoopFailed => run.failed,
             other => return Err(what(format!("unexpected close reason {other:?}"))),

@@ -48,6 +48,7 @@ fn random_plans_hold_the_oracle() {
             "Disconnected",
             "Shutdown",
             "LoopFailed",
+            "Banned",
         ] {
             assert!(
                 tally.get(kind).copied().unwrap_or(0) > 0,
