@@ -41,10 +41,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -289,7 +289,7 @@ impl Collector for Figures {
             e,
             "wharf_bans",
             "Bans in force.",
-            handle.bans().len() as u64,
+            handle.shared.access.bans.len(std::time::Instant::now()) as u64,
         )?;
         gauge(
             e,
@@ -331,7 +331,8 @@ fn process_cpu_secs() -> Option<f64> {
 }
 
 /// An HTTP listener serving [`render`] at `/metrics` (and `/`), one
-/// request per connection. Stops when dropped.
+/// request per connection, a few at once, each read within 2 s. Stops when
+/// dropped.
 #[derive(Debug)]
 pub struct Endpoint {
     addr: SocketAddr,
@@ -350,20 +351,39 @@ impl Endpoint {
         let thread = std::thread::Builder::new()
             .name("wharf-metrics".into())
             .spawn(move || {
+                let busy = Arc::new(AtomicUsize::new(0));
                 for stream in listener.incoming() {
                     if flag.load(Ordering::Acquire) {
                         break;
                     }
-                    match stream {
-                        Ok(s) => {
-                            if let Err(e) = answer(s, &handle) {
-                                tracing::debug!(error = %e, "metrics: a request failed");
-                            }
-                        }
+                    let s = match stream {
+                        Ok(s) => s,
                         Err(e) => {
                             tracing::warn!(error = %e, "metrics: accept failed");
                             std::thread::sleep(Duration::from_millis(100));
+                            continue;
                         }
+                    };
+                    // A few requests at once, each on a thread of its own
+                    // and within its deadline: a client that sends nothing
+                    // holds one of them for 2 s, not the endpoint. Past
+                    // that, a request is closed unanswered.
+                    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_REQUESTS {
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                        tracing::debug!("metrics: too many requests at once; one closed");
+                        continue;
+                    }
+                    let (handle, busy) = (handle.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("wharf-metrics-request".into())
+                        .spawn(move || {
+                            if let Err(e) = answer(s, &handle) {
+                                tracing::debug!(error = %e, "metrics: a request failed");
+                            }
+                            busy.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        tracing::warn!("metrics: no thread for a request; it is closed");
                     }
                 }
             })?;
@@ -383,21 +403,39 @@ impl Endpoint {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept; it sees the flag and ends.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        // Wake the accept; it sees the flag and ends. A listener on every
+        // address (0.0.0.0, [::]) is reached on loopback: Windows refuses
+        // connects to the unspecified address.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-/// Reads one request (its head, at most 8 KiB, within 2 s) and answers it.
+/// Requests answered at once.
+const MAX_REQUESTS: usize = 4;
+
+/// Reads one request (its head, at most 8 KiB, within 2 s in all) and
+/// answers it.
 fn answer(mut s: TcpStream, handle: &Handle) -> io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + Duration::from_secs(2);
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
         let n = s.read(&mut buf)?;
         if n == 0 {
             return Ok(());

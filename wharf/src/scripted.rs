@@ -404,6 +404,8 @@ struct Client {
     /// The host banned its address, or it wrote a `B` message (a ban may
     /// have been lifted since).
     banned: bool,
+    /// The host's last ban step for it banned (and did not lift).
+    ban_in_force: bool,
 }
 
 /// What a run did, for [`check`].
@@ -532,7 +534,10 @@ pub(crate) fn run(plan: &Plan) -> Run {
                 })));
             }
             Step::Ban { client, lift } => {
-                clients[*client].banned = true;
+                // Whether it is still banned at the end (a later ban of
+                // its address may follow a lift).
+                clients[*client].banned |= !lift;
+                clients[*client].ban_in_force = !lift;
                 let h = handle_cell.clone();
                 let (ip, lift) = (fake::client_addr(*client).ip(), *lift);
                 ops.push(Op::Host(Box::new(move || {

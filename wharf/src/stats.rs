@@ -152,6 +152,14 @@ impl Stats {
     pub(crate) fn of_loops(loops: impl Iterator<Item = Counters>) -> Stats {
         let mut c = Counters::default();
         for l in loops {
+            // Every byte queued is written, dropped or still queued.
+            debug_assert!(
+                l.bytes_out + l.bytes_dropped <= l.bytes_queued,
+                "{} written and {} dropped of {} queued",
+                l.bytes_out,
+                l.bytes_dropped,
+                l.bytes_queued
+            );
             c.add(&l);
         }
         Stats {

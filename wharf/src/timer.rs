@@ -81,6 +81,12 @@ impl Wheel {
         tick
     }
 
+    /// Entries on the wheel.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Moves every entry due by `now` into `due`.
     pub(crate) fn expire(&mut self, now: Instant, due: &mut Vec<Entry>) {
         let now_tick = now.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos();

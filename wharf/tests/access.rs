@@ -36,12 +36,16 @@ fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     s
 }
 
-/// The server closes `s` without a word (EOF or a reset).
+/// The server closes `s` without a word (EOF or a reset), rather than
+/// keeping it open (a read timeout is not a refusal).
 fn refused(mut s: TcpStream) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset};
     let mut buf = [0u8; 16];
     match s.read(&mut buf) {
-        Ok(0) | Err(_) => {}
+        Ok(0) => {}
+        Err(e) if matches!(e.kind(), ConnectionReset | ConnectionAborted) => {}
         Ok(n) => panic!("a refused peer read {n} bytes"),
+        Err(e) => panic!("a refused peer was not closed: {e}"),
     }
 }
 
@@ -131,9 +135,7 @@ fn bans_refuse_at_accept_close_what_is_open_and_expire() {
             assert_eq!(read_frame(s).unwrap(), b"before");
         }
         let ban = Instant::now();
-        handle
-            .ban("127.0.0.2", Duration::from_millis(1500))
-            .unwrap();
+        handle.ban("127.0.0.2", Duration::from_secs(3)).unwrap();
         // Its open connection is closed, with the reason.
         assert!(read_to_close(&mut two).is_empty());
         wait_until(10, "the banned connection's on_close", || {
@@ -149,16 +151,13 @@ fn bans_refuse_at_accept_close_what_is_open_and_expire() {
         let bans = handle.bans();
         assert_eq!(bans.len(), 1);
         assert_eq!(bans[0].network, "127.0.0.2/32");
-        assert!(bans[0].remaining <= Duration::from_millis(1500));
+        assert!(bans[0].remaining <= Duration::from_secs(3));
         // Another address is not touched.
         write_frame(&mut one, b"still");
         assert_eq!(read_frame(&mut one).unwrap(), b"still");
         // The ban expires by itself.
         wait_until(10, "the ban to expire", || handle.bans().is_empty());
-        assert!(
-            ban.elapsed() >= Duration::from_millis(1500),
-            "expired early"
-        );
+        assert!(ban.elapsed() >= Duration::from_secs(3), "expired early");
         let mut again = connect_from([127, 0, 0, 2], addr);
         write_frame(&mut again, b"after");
         assert_eq!(read_frame(&mut again).unwrap(), b"after");
@@ -243,14 +242,14 @@ fn a_handler_bans_the_peer_it_is_talking_to() {
 }
 
 /// Connects from `from` to `to` about `per_second` times a second for
-/// `run`, and closes each connection 100 ms later (the server has seen it
+/// `run`, and closes each connection 300 ms later (the server has seen it
 /// by then) with a reset, so that no TIME_WAIT is left. Returns the
 /// connects tried and those that succeeded (a refusal can reset one before
 /// the connect has seen it complete), and how long the flood lasted.
 fn flood(from: [u8; 4], to: SocketAddr, per_second: u32, run: Duration) -> (Flood, Duration) {
     let start = Instant::now();
     let gap = Duration::from_secs(1) / per_second;
-    let hold = Duration::from_millis(100);
+    let hold = Duration::from_millis(300);
     let mut open = std::collections::VecDeque::new();
     let mut made = 0u64;
     let mut i = 0u32;
@@ -297,14 +296,26 @@ fn all_seen(seen: u64, floods: &[Flood]) -> bool {
     (made..=tried).contains(&seen)
 }
 
-/// `got` is within 10% of `want`.
+/// `got` is within 10% of `want`. Never more is the limit's promise and
+/// always holds; not much less depends on the server taking each connect
+/// before the flood resets it (a server slower than the hold never sees
+/// some), which is a time bound and skipped under Wine.
 fn within_ten_percent(what: &str, got: u64, want: f64) {
-    let off = (got as f64 - want).abs() / want;
+    let off = (got as f64 - want) / want;
     eprintln!(
-        "{what}: {got} accepted, {want:.0} expected ({:.1}% off)",
+        "{what}: {got} accepted, {want:.0} expected ({:+.1}%)",
         off * 100.0
     );
-    assert!(off <= 0.10, "{what}: {got} accepted, {want:.0} expected");
+    assert!(
+        off <= 0.10,
+        "{what}: {got} accepted, over {want:.0} by more than 10%"
+    );
+    if timing_bounds_apply(what) {
+        assert!(
+            off >= -0.10,
+            "{what}: {got} accepted, under {want:.0} by more than 10%"
+        );
+    }
 }
 
 #[test]

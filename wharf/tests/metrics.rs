@@ -188,4 +188,45 @@ mod with_the_feature {
             server.shutdown(Duration::from_secs(2)).unwrap();
         });
     }
+
+    #[test]
+    fn silent_clients_do_not_hold_up_a_scrape_and_an_endpoint_on_every_address_stops() {
+        each_backend(|b| {
+            let server = b
+                .threads(1)
+                .bind("127.0.0.1:0")
+                .unwrap()
+                .start(Mixed)
+                .unwrap();
+            let endpoint = wharf::metrics::Endpoint::start(server.handle(), "127.0.0.1:0").unwrap();
+            // Two clients connect and say nothing; a half-sent request too.
+            let silent: Vec<TcpStream> = (0..2)
+                .map(|_| TcpStream::connect(endpoint.local_addr()).unwrap())
+                .collect();
+            let mut half = TcpStream::connect(endpoint.local_addr()).unwrap();
+            half.write_all(b"GET /metr").unwrap();
+            let started = std::time::Instant::now();
+            let (status, _, body) = get(endpoint.local_addr(), "/metrics");
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            assert!(body.ends_with("# EOF\n"));
+            if timing_bounds_apply("a scrape beside silent clients") {
+                assert!(
+                    started.elapsed() < Duration::from_millis(1500),
+                    "{:?}",
+                    started.elapsed()
+                );
+            }
+            // The silent ones are closed by their deadline, unanswered.
+            let mut buf = Vec::new();
+            half.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(matches!(half.read_to_end(&mut buf), Ok(_) | Err(_)) && buf.is_empty());
+            drop((silent, endpoint));
+            // On every address: dropping it returns (it wakes itself on
+            // loopback, which Windows needs).
+            let everywhere = wharf::metrics::Endpoint::start(server.handle(), "0.0.0.0:0").unwrap();
+            drop(everywhere);
+            server.shutdown(Duration::from_secs(2)).unwrap();
+        });
+    }
 }

@@ -103,7 +103,9 @@ impl Args {
                 .ok_or_else(|| format!("--metrics {m} resolves to no address"))?;
             config.metrics = Some(addr);
         }
-        config.flood = self.flood.map(|r| (r.rate(), self.flood_source));
+        config.flood = self
+            .flood
+            .map(|r| (r.rate().round().max(1.0) as u32, self.flood_source));
         Ok(config)
     }
 }

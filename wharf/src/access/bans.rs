@@ -32,7 +32,9 @@ pub struct Ban {
 struct Banned {
     net: IpNet,
     until: Instant,
+    /// The serial and tick of its entry on the wheel.
     serial: u64,
+    tick: u64,
 }
 
 struct Table {
@@ -82,7 +84,7 @@ impl Bans {
     /// Bans `net` until `now + duration` (a ban of it already in force is
     /// given the new deadline).
     pub(crate) fn ban(&self, net: IpNet, duration: Duration, now: Instant) {
-        let net = net.trunc();
+        let net = super::rules::canonical(net).trunc();
         // A duration past what `Instant` holds is as good as forever.
         let forever = Duration::from_secs(100 * 365 * 24 * 3600);
         let until = now
@@ -90,23 +92,36 @@ impl Bans {
             .unwrap_or(now + Duration::from_secs(3600));
         let mut t = self.lock();
         t.expire(now);
-        t.serial += 1;
-        let serial = t.serial;
-        let key = match t.by_net.get(&net) {
-            Some(&key) => {
-                t.bans[key].until = until;
-                t.bans[key].serial = serial;
-                key
+        let tick = t.wheel.tick_of(until);
+        let existing = t.by_net.get(&net).copied();
+        match existing {
+            // Later (or as late): its entry on the wheel finds the deadline
+            // moved when it comes due, and schedules itself again then; a
+            // ban renewed on every bad message adds nothing to the wheel.
+            Some(key) if tick >= t.bans[key].tick => t.bans[key].until = until,
+            // Earlier: an entry of its own (the old one, its serial stale,
+            // is dropped when it comes due).
+            Some(key) => {
+                t.serial += 1;
+                let serial = t.serial;
+                let b = &mut t.bans[key];
+                (b.until, b.serial, b.tick) = (until, serial, tick);
+                t.wheel.schedule_tick(key as u32, serial, tick);
             }
             None => {
-                let key = t.bans.insert(Banned { net, until, serial });
+                t.serial += 1;
+                let serial = t.serial;
+                let key = t.bans.insert(Banned {
+                    net,
+                    until,
+                    serial,
+                    tick,
+                });
                 t.by_net.insert(net, key);
                 t.prefixes[prefix_index(&net)] += 1;
-                key
+                t.wheel.schedule_tick(key as u32, serial, tick);
             }
-        };
-        let tick = t.wheel.tick_of(until);
-        t.wheel.schedule_tick(key as u32, serial, tick);
+        }
         self.count.store(t.bans.len(), Ordering::Release);
     }
 
@@ -114,7 +129,7 @@ impl Bans {
     pub(crate) fn unban(&self, net: IpNet, now: Instant) -> bool {
         let mut t = self.lock();
         t.expire(now);
-        let found = t.remove(&net.trunc());
+        let found = t.remove(&super::rules::canonical(net).trunc());
         self.count.store(t.bans.len(), Ordering::Release);
         found
     }
@@ -146,25 +161,34 @@ impl Bans {
         })
     }
 
-    /// The bans in force, soonest to expire first.
+    /// The bans in force, soonest to expire first. The table is locked
+    /// only to copy them out (accepts wait on that lock while bans exist).
     pub(crate) fn list(&self, now: Instant) -> Vec<Ban> {
+        let mut bans: Vec<(Instant, IpNet)> = {
+            let mut t = self.lock();
+            t.expire(now);
+            self.count.store(t.bans.len(), Ordering::Release);
+            t.bans.iter().map(|(_, b)| (b.until, b.net)).collect()
+        };
+        bans.retain(|(until, _)| *until > now);
+        bans.sort_by_key(|(until, _)| *until);
+        bans.into_iter()
+            .map(|(until, net)| Ban {
+                network: net.to_string(),
+                remaining: until - now,
+            })
+            .collect()
+    }
+
+    /// How many bans are in force (the expired removed first).
+    pub(crate) fn len(&self, now: Instant) -> usize {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         let mut t = self.lock();
         t.expire(now);
         self.count.store(t.bans.len(), Ordering::Release);
-        let mut out: Vec<(Instant, Ban)> = t
-            .bans
-            .iter()
-            .filter(|(_, b)| b.until > now)
-            .map(|(_, b)| {
-                let ban = Ban {
-                    network: b.net.to_string(),
-                    remaining: b.until - now,
-                };
-                (b.until, ban)
-            })
-            .collect();
-        out.sort_by_key(|(until, _)| *until);
-        out.into_iter().map(|(_, b)| b).collect()
+        t.bans.len()
     }
 }
 
@@ -182,10 +206,11 @@ impl Table {
                     self.remove(&net);
                 }
                 Some(b) if b.serial == e.generation => {
-                    // Due by its tick but not yet by its instant (ticks
-                    // round down when they fire): look again next tick.
+                    // Its deadline moved later, or it is due by its tick
+                    // but not yet by its instant: look again then.
                     let tick = self.wheel.tick_of(b.until);
-                    self.wheel.schedule_tick(e.slot, e.generation, tick);
+                    let tick = self.wheel.schedule_tick(e.slot, e.generation, tick);
+                    self.bans[key].tick = tick;
                 }
                 _ => {}
             }
@@ -260,6 +285,17 @@ mod tests {
             "the old entry did not lift it"
         );
         assert_eq!(bans.list(later).len(), 1);
+        // Renewed a thousand times, later each time: one entry on the wheel.
+        for i in 0..1000u64 {
+            bans.ban(net("10.0.0.0/8"), Duration::from_secs(60 + i), later);
+        }
+        assert_eq!(bans.lock().wheel.len(), 1);
+        // Shortened: it ends at the new, earlier deadline.
+        bans.ban(net("10.0.0.0/8"), Duration::from_secs(2), later);
+        assert!(bans.is_banned(ip("10.9.9.9"), later + Duration::from_millis(1900)));
+        assert!(!bans.is_banned(ip("10.9.9.9"), later + Duration::from_millis(2100)));
+        assert_eq!(bans.len(later + Duration::from_millis(2100)), 0);
+        bans.ban(net("10.0.0.0/8"), Duration::from_secs(60), later);
         assert!(bans.unban(net("10.0.0.0/8"), later));
         assert!(!bans.unban(net("10.0.0.0/8"), later));
         assert!(!bans.is_banned(ip("10.9.9.9"), later));
@@ -271,6 +307,11 @@ mod tests {
             assert!(bans.is_banned(ip("10.1.1.1"), t));
         }
         assert!(!bans.is_banned(ip("10.1.1.1"), later + Duration::from_secs(3601)));
+        // An IPv4-mapped network is the IPv4 one, banned and lifted alike.
+        bans.ban(net("::ffff:192.0.2.9/128"), Duration::from_secs(60), later);
+        assert!(bans.is_banned(ip("192.0.2.9"), later));
+        assert!(bans.is_banned(ip("::ffff:192.0.2.9"), later));
+        assert!(bans.unban(net("192.0.2.9/32"), later));
         // Forever is a long time, not an overflow.
         bans.ban(net("::1/128"), Duration::MAX, later);
         assert!(bans.is_banned(ip("::1"), later + Duration::from_secs(86400 * 365)));

@@ -4,19 +4,20 @@
 //! token is a compare and an add.
 //!
 //! A bucket that would be full by now holds nothing a fresh bucket does
-//! not, so per-client buckets are dropped once they are: the table holds
-//! only the clients seen within about the last second.
+//! not, so per-client buckets are dropped once they are: swept at most
+//! once a second once the table holds more than `SWEEP_ABOVE`, it holds
+//! about the last second's clients (or fewer than `SWEEP_ABOVE`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::limits::client_key;
 
-/// A rate of accepted connections: so many per second, with a burst of at
-/// most one second's worth (the default).
+/// A rate of accepted connections: so many per second (or per minute),
+/// with a burst of at most one second's worth (the default).
 ///
 /// ```
 /// let steady = wharf::AcceptRate::per_second(1000);
@@ -25,36 +26,57 @@ use crate::limits::client_key;
 /// // A burst is never more than a second's worth, nor less than one.
 /// assert_eq!(wharf::AcceptRate::per_second(50).burst(500).burst_size(), 50);
 /// assert_eq!(wharf::AcceptRate::per_second(50).burst(0).burst_size(), 1);
+/// // Slower than one a second: exactly that, one at a time.
+/// let slow = wharf::AcceptRate::per_minute(30);
+/// assert_eq!((slow.rate(), slow.burst_size()), (0.5, 1));
 /// # let _ = steady;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptRate {
-    per_second: u32,
+    /// Nanoseconds per token (at least 1).
+    interval: u64,
     burst: u32,
 }
+
+const SECOND: u64 = 1_000_000_000;
 
 impl AcceptRate {
     /// `n` connections per second (at least 1), with a burst of `n`.
     pub fn per_second(n: u32) -> AcceptRate {
-        let n = n.max(1);
+        AcceptRate::every(SECOND / u64::from(n.max(1)))
+    }
+
+    /// `n` connections per minute (at least 1), with a burst of a second's
+    /// worth (at least 1).
+    pub fn per_minute(n: u32) -> AcceptRate {
+        AcceptRate::every(60 * SECOND / u64::from(n.max(1)))
+    }
+
+    fn every(interval: u64) -> AcceptRate {
+        let interval = interval.max(1);
         AcceptRate {
-            per_second: n,
-            burst: n,
+            interval,
+            burst: AcceptRate::second_of(interval),
         }
+    }
+
+    /// Tokens in one second at `interval` (at least 1).
+    fn second_of(interval: u64) -> u32 {
+        (SECOND / interval).clamp(1, u64::from(u32::MAX)) as u32
     }
 
     /// How many may come at once after a quiet spell: between 1 and one
     /// second's worth.
     pub fn burst(self, burst: u32) -> AcceptRate {
         AcceptRate {
-            burst: burst.clamp(1, self.per_second),
+            burst: burst.clamp(1, AcceptRate::second_of(self.interval)),
             ..self
         }
     }
 
-    /// The rate, per second.
-    pub fn rate(&self) -> u32 {
-        self.per_second
+    /// The rate, in connections per second.
+    pub fn rate(&self) -> f64 {
+        SECOND as f64 / self.interval as f64
     }
 
     /// The burst.
@@ -65,8 +87,8 @@ impl AcceptRate {
     /// Nanoseconds per token, and the tolerance (how far ahead of now a
     /// bucket's full-again instant may be and still give a token).
     fn gcra(&self) -> (u64, u64) {
-        let interval = 1_000_000_000 / u64::from(self.per_second);
-        (interval, interval * u64::from(self.burst - 1))
+        let tolerance = self.interval.saturating_mul(u64::from(self.burst - 1));
+        (self.interval, tolerance)
     }
 }
 
@@ -186,22 +208,21 @@ impl std::str::FromStr for AcceptRate {
             None => (s.trim(), "s"),
         };
         let n: u32 = n.parse().map_err(|_| bad())?;
-        let per = match per {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            _ => return Err(bad()),
-        };
         if n == 0 {
             return Err(format!("{s:?}: a rate of 0 would refuse everyone"));
         }
-        let per_second = (f64::from(n) / per.as_secs_f64()).ceil().max(1.0) as u32;
-        Ok(AcceptRate::per_second(per_second))
+        match per {
+            "s" | "sec" | "second" => Ok(AcceptRate::per_second(n)),
+            "m" | "min" | "minute" => Ok(AcceptRate::per_minute(n)),
+            _ => Err(bad()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -265,10 +286,30 @@ mod tests {
     }
 
     #[test]
+    fn rates_slower_than_one_a_second_hold() {
+        let t0 = Instant::now();
+        let l = AcceptLimiter::new(None, Some(AcceptRate::per_minute(6)), 64, t0);
+        // One every 10 s: over a minute, 6 (the first at once), not 60.
+        let n = admitted(&l, "10.0.0.1", t0, 6000, Duration::from_secs(60));
+        assert_eq!(n, 6);
+        let huge = AcceptRate::per_second(u32::MAX);
+        assert!(
+            huge.rate() > 1e9 - 1.0 && huge.gcra().0 == 1,
+            "never a zero interval"
+        );
+    }
+
+    #[test]
     fn rates_parse_from_the_command_line_form() {
         assert_eq!("500/s".parse(), Ok(AcceptRate::per_second(500)));
         assert_eq!("500".parse(), Ok(AcceptRate::per_second(500)));
         assert_eq!("120/min".parse(), Ok(AcceptRate::per_second(2)));
+        let close = |r: &str, want: f64| {
+            let got = r.parse::<AcceptRate>().unwrap().rate();
+            assert!((got - want).abs() < 1e-6, "{r}: {got}");
+        };
+        close("90/min", 1.5);
+        close("1/min", 1.0 / 60.0);
         for bad in ["", "x/s", "5/h", "0/s", "-1/s"] {
             assert!(bad.parse::<AcceptRate>().is_err(), "{bad}");
         }

@@ -49,9 +49,25 @@ pub(crate) fn parse(text: &str) -> Result<IpNet, BadNetwork> {
     let t = text.trim();
     // A bare address is the network of that one address. The host bits of
     // a network are dropped (10.1.2.3/8 is 10.0.0.0/8).
-    match IpNet::from_str(t) {
-        Ok(net) => Ok(net.trunc()),
-        Err(_) => IpAddr::from_str(t).map(IpNet::from).map_err(|_| bad()),
+    let net = match IpNet::from_str(t) {
+        Ok(net) => net,
+        Err(_) => IpAddr::from_str(t).map(IpNet::from).map_err(|_| bad())?,
+    };
+    Ok(canonical(net).trunc())
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network
+/// it is (`10.0.0.0/8`): peers are checked as IPv4 whatever socket they
+/// came on, so a network must be written the same way to match them.
+pub(crate) fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(
+                ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).expect("a prefix of at most 32"),
+            ),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -166,6 +182,14 @@ mod tests {
         assert!(r.permits(ip("::ffff:127.0.0.1")));
         assert!(!r.permits(ip("::ffff:127.0.0.2")));
         assert!(IpRules::default().permits(ip("203.0.113.9")));
+        // A network written in its IPv4-mapped form is the IPv4 network.
+        let mapped = IpRules::default().deny("::ffff:10.0.0.0/104").unwrap();
+        assert!(!mapped.permits(ip("10.9.9.9")));
+        assert!(!mapped.permits(ip("::ffff:10.9.9.9")));
+        assert!(mapped.permits(ip("11.0.0.1")));
+        let only = IpRules::default().allow("::ffff:10.0.0.1").unwrap();
+        assert!(only.permits(ip("10.0.0.1")));
+        assert!(!only.permits(ip("10.0.0.2")));
     }
 
     #[test]

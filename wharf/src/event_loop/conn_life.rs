@@ -72,6 +72,19 @@ impl<H: Handler> Core<H> {
             Ok(peer) => peer,
             Err(_) => return, // already reset by the peer
         };
+        if self
+            .handle
+            .shared
+            .access
+            .bans
+            .is_banned(peer.ip(), self.now)
+        {
+            // Banned while it was on its way from the loop that accepted
+            // it: the ban's Kick may have reached this loop before it did.
+            self.counters.banned += 1;
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
         if let Err(cap) = self.handle.shared.admit(Some(peer.ip())) {
             // Over a connection cap: closed at once, counted; the open
             // connections never notice.
@@ -343,7 +356,12 @@ impl<H: Handler> Core<H> {
         match result {
             Ok(n) => {
                 self.counters.bytes_out += n as u64;
-                slot.ctl.unsent = slot.ctl.unsent.saturating_sub(n);
+                // Bytes of a batch that was in flight when the queue was
+                // dropped (an abortive close) were counted as dropped then;
+                // those the kernel still wrote are sent, not dropped.
+                let already_dropped = n.saturating_sub(slot.ctl.unsent);
+                self.counters.bytes_dropped -= already_dropped as u64;
+                slot.ctl.unsent -= n - already_dropped;
                 if n > 0 {
                     slot.last_write_tick = self.stamp_tick;
                 }

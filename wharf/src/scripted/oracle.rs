@@ -130,7 +130,9 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             CloseReason::WriteStalled => s.write_stall.is_some(),
             CloseReason::Disconnected => client.disconnected,
             CloseReason::Banned => client.banned,
-            CloseReason::Shutdown => true,
+            // A ban in force at the end closed it before the final
+            // shutdown could (its Kick was posted first).
+            CloseReason::Shutdown => !client.ban_in_force || run.shut_in_script || run.failed,
             CloseReason::LoopFailed => run.failed,
             other => return Err(what(format!("unexpected close reason {other:?}"))),
         };
@@ -232,7 +234,24 @@ pub(crate) fn check(run: &Run) -> Result<(), String> {
             run.handle.connections()
         ));
     }
+    // Every byte queued was written or dropped: none is left counted as
+    // queued, and none counted twice.
+    for l in &run.handle.shared.loops {
+        let c = l.stats.read();
+        if c.bytes_queued != c.bytes_out + c.bytes_dropped {
+            return Err(format!(
+                "{} bytes queued, {} written and {} dropped",
+                c.bytes_queued, c.bytes_out, c.bytes_dropped
+            ));
+        }
+    }
     let stats = run.handle.stats();
+    if stats.queued_bytes != 0 {
+        return Err(format!(
+            "{} bytes still counted as queued",
+            stats.queued_bytes
+        ));
+    }
     if stats.handler_panics != panics {
         return Err(format!(
             "{} panics counted, {panics} seen",
