@@ -3,6 +3,7 @@
 
 mod chat;
 mod echo;
+mod kv;
 mod serve;
 
 use std::io::IsTerminal;
@@ -26,6 +27,9 @@ enum Command {
     /// Serve a chat with rooms (for nc and telnet with `--framing lines`,
     /// across nodes with `--cluster`), or be its client (`--connect`).
     Chat(chat::Args),
+    /// Serve a Redis-protocol key-value store (RESP2: redis-cli and
+    /// redis-benchmark talk to it).
+    Kv(kv::Args),
     /// Drive an echo server with load and check every echoed byte.
     Load(wharf_cli::load::Args),
     /// Benchmark wharf against peer servers (tokio, std, monoio, raw
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(args) => echo::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Kv(args) => kv::run(args),
         Command::Load(args) => wharf_cli::load::cli(args),
         Command::Bench(args) => wharf_cli::bench::cli(args),
         Command::Peer(args) => wharf_cli::peers::cli(args),
