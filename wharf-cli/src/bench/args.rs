@@ -56,6 +56,11 @@ pub struct Args {
     /// Where results.json and chart.svg go [default: target/wharf-bench].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Instead of the echo scenarios: redis-benchmark against `wharf kv`
+    /// (one loop and two) and redis-server (PING_INLINE, SET, GET; 50
+    /// clients; pipelines of 1 and 16), into kv.json and kv.svg.
+    #[arg(long)]
+    kv: bool,
 }
 
 impl Args {
@@ -163,6 +168,32 @@ impl Args {
 pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let out = args.out.clone().unwrap_or_else(|| default_out(&exe));
+    if args.kv {
+        let rounds = args.rounds.unwrap_or(5);
+        if rounds == 0 {
+            return Err("--rounds must be at least 1".into());
+        }
+        eprintln!(
+            "wharf bench --kv: {rounds} rounds; results in {}",
+            out.display()
+        );
+        let results = super::kv::run(&exe, rounds, !args.no_pin)?;
+        println!("{}", super::kv::table(&results));
+        std::fs::create_dir_all(&out)
+            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        let json = serde_json::to_string_pretty(&results)? + "\n";
+        for (name, text) in [("kv.json", json), ("kv.svg", super::kv::chart(&results))] {
+            let path = out.join(name);
+            std::fs::write(&path, text)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        println!(
+            "wrote {} and {}",
+            out.join("kv.json").display(),
+            out.join("kv.svg").display()
+        );
+        return Ok(());
+    }
     let plan = args.plan(exe)?;
     eprintln!(
         "wharf bench ({}): {} scenarios × {} servers × {} rounds; results in {}",

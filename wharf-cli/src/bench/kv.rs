@@ -135,12 +135,23 @@ fn start(name: &'static str, exe: &Path, pin: bool) -> Result<Target, String> {
         return Ok(t);
     }
     let threads = if name == "wharf-kv-2" { "2" } else { "1" };
-    let mut child = command(&exe.to_string_lossy(), cpus(if threads == "2" { "0,1" } else { "0" }))
-        .args(["kv", "--addr", "127.0.0.1:0", "--threads", threads, "--backend", "uring"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start wharf kv: {e}"))?;
+    let mut child = command(
+        &exe.to_string_lossy(),
+        cpus(if threads == "2" { "0,1" } else { "0" }),
+    )
+    .args([
+        "kv",
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        threads,
+        "--backend",
+        "uring",
+    ])
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::piped())
+    .spawn()
+    .map_err(|e| format!("cannot start wharf kv: {e}"))?;
     let mut first = String::new();
     BufReader::new(child.stdout.take().expect("piped"))
         .read_line(&mut first)
@@ -210,9 +221,14 @@ pub fn run(exe: &Path, rounds: usize, pin: bool) -> Result<KvResults, String> {
         if !have(tool) {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/need-redis.sh");
             eprintln!("{tool} is missing: installing it with {script}");
-            let ok = Command::new("bash").arg(script).status().is_ok_and(|s| s.success());
+            let ok = Command::new("bash")
+                .arg(script)
+                .status()
+                .is_ok_and(|s| s.success());
             if !ok || !have(tool) {
-                return Err(format!("{tool} is missing and {script} could not install it"));
+                return Err(format!(
+                    "{tool} is missing and {script} could not install it"
+                ));
             }
         }
     }
@@ -293,7 +309,10 @@ pub fn table(r: &KvResults) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "wharf bench --kv: {}", r.setup);
-    let _ = writeln!(out, "×redis: over redis-server's median (ops/s: higher is better; CPU/op: lower is better)\n");
+    let _ = writeln!(
+        out,
+        "×redis: over redis-server's median (ops/s: higher is better; CPU/op: lower is better)\n"
+    );
     let _ = writeln!(
         out,
         "  {:<12} {:>3} {:<13} {:>12} {:>7} {:>10} {:>7}",
@@ -333,11 +352,18 @@ pub fn chart(r: &KvResults) -> String {
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
     );
-    let _ = write!(s, r#"<text x="{left}" y="20" font-size="13">redis-benchmark ops/s, 50 clients (median of the rounds)</text>"#);
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="20" font-size="13">redis-benchmark ops/s, 50 clients (median of the rounds)</text>"#
+    );
     for (gi, (test, p)) in groups.iter().enumerate() {
         let gx = left + gi as f64 * gw;
         for (si, server) in SERVERS.iter().enumerate() {
-            if let Some(c) = r.cells.iter().find(|c| &c.test == test && c.pipeline == *p && c.server == *server) {
+            if let Some(c) = r
+                .cells
+                .iter()
+                .find(|c| &c.test == test && c.pipeline == *p && c.server == *server)
+            {
                 let x = gx + bw * (si as f64 + 0.5);
                 let _ = write!(
                     s,
@@ -359,8 +385,20 @@ pub fn chart(r: &KvResults) -> String {
     }
     for i in 0..=4 {
         let v = max * i as f64 / 4.0;
-        let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}k</text>"#, left - 6.0, y(v) + 4.0, v / 1000.0);
-        let _ = write!(s, r##"<line x1="{left}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/>"##, w - 20.0, y(v), y(v));
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}k</text>"#,
+            left - 6.0,
+            y(v) + 4.0,
+            v / 1000.0
+        );
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/>"##,
+            w - 20.0,
+            y(v),
+            y(v)
+        );
     }
     for (si, server) in SERVERS.iter().enumerate() {
         let x = left + si as f64 * 140.0;

@@ -75,6 +75,28 @@ fn arity(out: &mut Vec<u8>, name: &[u8]) {
     );
 }
 
+/// A command or option name in capitals, on the stack (names longer than
+/// 16 bytes match nothing, so they need no room).
+struct Upper {
+    buf: [u8; 16],
+    len: usize,
+}
+
+impl Upper {
+    fn of(name: &[u8]) -> Upper {
+        let mut buf = [0u8; 16];
+        let len = if name.len() <= 16 { name.len() } else { 0 };
+        for (d, s) in buf.iter_mut().zip(&name[..len]) {
+            *d = s.to_ascii_uppercase();
+        }
+        Upper { buf, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 fn int_arg(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
@@ -82,7 +104,7 @@ fn int_arg(b: &[u8]) -> Option<i64> {
 /// Runs one command; whether the connection closes after its reply.
 fn execute(store: &Store, args: &[&[u8]], out: &mut Vec<u8>) -> bool {
     let name = args[0];
-    let cmd = name.to_ascii_uppercase();
+    let cmd = Upper::of(name);
     let rest = &args[1..];
     match (cmd.as_slice(), rest.len()) {
         (b"PING", 0) => reply::simple(out, "PONG"),
@@ -109,7 +131,7 @@ fn execute(store: &Store, args: &[&[u8]], out: &mut Vec<u8>) -> bool {
                 },
                 None => 1,
             };
-            let by = if cmd.starts_with(b"DECR") {
+            let by = if cmd.as_slice().starts_with(b"DECR") {
                 by.checked_neg()
             } else {
                 Some(by)
@@ -196,7 +218,7 @@ fn set(store: &Store, args: &[&[u8]], out: &mut Vec<u8>) {
     let mut when = Condition::Always;
     let mut i = 2;
     while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
+        let opt = Upper::of(args[i]);
         match opt.as_slice() {
             b"NX" if when == Condition::Always => when = Condition::Absent,
             b"XX" if when == Condition::Always => when = Condition::Present,
@@ -205,7 +227,7 @@ fn set(store: &Store, args: &[&[u8]], out: &mut Vec<u8>) {
                     Some(n) if n > 0 => n as u64,
                     _ => return reply::error(out, "ERR invalid expire time in 'set' command"),
                 };
-                ttl = Some(if opt == b"EX" {
+                ttl = Some(if opt.as_slice() == b"EX" {
                     Duration::from_secs(n)
                 } else {
                     Duration::from_millis(n)
@@ -224,7 +246,7 @@ fn set(store: &Store, args: &[&[u8]], out: &mut Vec<u8>) {
 }
 
 fn config(args: &[&[u8]], out: &mut Vec<u8>) {
-    let sub = args[0].to_ascii_uppercase();
+    let sub = Upper::of(args[0]);
     match (sub.as_slice(), args.len()) {
         (b"GET", 2) => {
             let known: &[(&str, &str)] = &[("save", ""), ("appendonly", "no"), ("databases", "1")];
@@ -250,7 +272,7 @@ fn glob(pattern: &str, name: &str) -> bool {
 }
 
 fn client(args: &[&[u8]], out: &mut Vec<u8>) {
-    let sub = args[0].to_ascii_uppercase();
+    let sub = Upper::of(args[0]);
     match sub.as_slice() {
         b"SETNAME" | b"SETINFO" | b"REPLY" | b"NO-EVICT" | b"NO-TOUCH" => reply::simple(out, "OK"),
         b"GETNAME" => reply::bulk(out, None),
