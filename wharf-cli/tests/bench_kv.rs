@@ -18,7 +18,11 @@ fn the_kv_bench_measures_every_cell_against_redis_server() {
         .output()
         .expect("run wharf bench --kv");
     let table = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{table}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("kv.json")).unwrap()).unwrap();
     let cells = json["cells"].as_array().unwrap();
@@ -28,7 +32,10 @@ fn the_kv_bench_measures_every_cell_against_redis_server() {
         assert!(c["rps_ratio"].as_f64().unwrap() > 0.0, "{c}");
     }
     for server in ["wharf-kv", "wharf-kv-2", "redis-server"] {
-        assert!(table.contains(server), "{server} is missing from the table:\n{table}");
+        assert!(
+            table.contains(server),
+            "{server} is missing from the table:\n{table}"
+        );
     }
     let svg = std::fs::read_to_string(out.join("kv.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<rect").count() >= 18);

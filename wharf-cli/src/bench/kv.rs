@@ -189,7 +189,7 @@ fn bench(t: &Target, test: &str, pipeline: u32, pin: bool) -> Result<KvRun, Stri
         .map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN))
         .collect();
     let rps = fields.first().copied().unwrap_or(f64::NAN);
-    if !(rps > 0.0) {
+    if rps.is_nan() || rps <= 0.0 {
         return Err(format!("redis-benchmark against {}: {row}", t.name));
     }
     Ok(KvRun {

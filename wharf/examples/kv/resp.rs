@@ -55,10 +55,12 @@ fn scan(buf: &[u8], max: usize) -> Scan {
         return Scan::Need(Some(1));
     }
     if buf[0] != b'*' {
-        return match line_end(buf, 0, MAX_INLINE.min(max)) {
-            Ok(Some(end)) => Scan::Whole(end),
-            Ok(None) => Scan::Need(None),
-            Err(_) => Scan::Bad("too big inline request"),
+        // An inline line ends with LF, CRLF or not (as typed into nc).
+        let limit = MAX_INLINE.min(max);
+        return match buf[..buf.len().min(limit)].iter().position(|&b| b == b'\n') {
+            Some(i) => Scan::Whole(i + 1),
+            None if buf.len() >= limit => Scan::Bad("too big inline request"),
+            None => Scan::Need(None),
         };
     }
     let Ok(header) = line_end(buf, 0, 32) else {
@@ -153,7 +155,8 @@ pub fn parse(msg: &[u8], max: usize) -> Result<Vec<&[u8]>, &'static str> {
         _ => return Err("unbalanced request"),
     }
     if msg[0] != b'*' {
-        let line = msg.strip_suffix(b"\r\n").unwrap_or(msg);
+        let line = msg.strip_suffix(b"\n").unwrap_or(msg);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         return Ok(line
             .split(|b| b.is_ascii_whitespace())
             .filter(|a| !a.is_empty())
@@ -237,6 +240,11 @@ mod tests {
             vec![&b"SET"[..], b"a", b"b"]
         );
         assert!(parse(b"\r\n", 1024).unwrap().is_empty());
+        assert_eq!(
+            parse(b"GET k\n", 1024).unwrap(),
+            vec![&b"GET"[..], b"k"],
+            "LF alone"
+        );
         // A bulk string may hold anything, CR and LF included.
         let bin = b"*1\r\n$4\r\n\r\n\r\n\r\n";
         assert_eq!(parse(bin, 1024).unwrap(), vec![&b"\r\n\r\n"[..]]);
