@@ -42,7 +42,7 @@ mkdir -p "$work"
 section "cargo clippy and build for $target"
 cargo clippy --workspace --all-targets --target "$target" -- -D warnings
 cargo build -p wharf-cli --target "$target"
-cargo test -p wharf --features redis,prometheus --target "$target" --no-run --message-format=json >"$work/build.json"
+cargo test -p wharf --features redis,prometheus,tls --target "$target" --no-run --message-format=json >"$work/build.json"
 mapfile -t tests < <(python3 - "$work/build.json" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):

@@ -41,6 +41,7 @@ pub struct Builder {
     ip_rules: IpRules,
     accept_rate: Option<AcceptRate>,
     accept_rate_per_ip: Option<AcceptRate>,
+    tls: Option<crate::tls::ServerTls>,
 }
 
 /// The backplane, if any (not `Debug` itself).
@@ -80,6 +81,7 @@ impl Default for Builder {
                 max_connections_per_ip: None,
                 ipv6_prefix: 64,
                 jobs_per_connection: 32,
+                tls_handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
             },
             backend: Backend::Auto,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
@@ -89,6 +91,7 @@ impl Default for Builder {
             ip_rules: IpRules::default(),
             accept_rate: None,
             accept_rate_per_ip: None,
+            tls: None,
         }
     }
 }
@@ -187,6 +190,26 @@ impl Builder {
     /// a byte at a time (slowloris). Default: none.
     pub fn first_message_timeout(mut self, d: Duration) -> Self {
         self.limits.first_message_timeout = Some(d);
+        self
+    }
+
+    /// Serves TLS on every listener: each accepted connection does a
+    /// handshake first, and opens (`on_open`) once it completes. Keep a
+    /// clone of `tls` to replace its certificate while the server runs
+    /// ([`ServerTls::replace`](crate::tls::ServerTls::replace)).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How long a TLS handshake may take (default 10 s): a connection that
+    /// has not finished it by then is closed, never having opened, and is
+    /// counted in `Stats::tls_handshake_failures`. Applies to client
+    /// connections too.
+    #[cfg(feature = "tls")]
+    pub fn tls_handshake_timeout(mut self, d: Duration) -> Self {
+        self.limits.tls_handshake_timeout = d.max(Duration::from_millis(1));
         self
     }
 
@@ -379,6 +402,7 @@ impl Builder {
                 limits: self.limits,
                 spread_accepts,
                 tick: self.tick,
+                tls: self.tls.clone(),
             };
             let handler = handler.clone();
             let handle = handle.clone();
@@ -478,6 +502,7 @@ impl Builder {
             limits: self.limits,
             spread_accepts: ended_siblings > 0,
             tick: self.tick,
+            tls: self.tls.clone(),
         };
         let listener = sys::fake::placeholder();
         let event_loop = EventLoop::with_driver(

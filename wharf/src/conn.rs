@@ -237,6 +237,9 @@ pub struct Conn<'a, S> {
     /// The loop's time for this turn.
     pub(crate) now: Instant,
     pub(crate) socket: &'a Socket,
+    /// The connection's TLS, if any.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) tls: Option<&'a crate::tls::Session>,
 }
 
 impl<S> Conn<'_, S> {
@@ -248,6 +251,14 @@ impl<S> Conn<'_, S> {
     /// The remote address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The connection's TLS (ALPN protocol, SNI name, version, the peer's
+    /// certificate), or `None` for a plaintext connection. Its handshake is
+    /// always complete here.
+    #[cfg(feature = "tls")]
+    pub fn tls(&self) -> Option<crate::tls::TlsInfo<'_>> {
+        self.tls.map(|session| crate::tls::TlsInfo { session })
     }
 
     /// Whether this connection was opened by [`Handle::connect`].

@@ -27,6 +27,7 @@ pub struct Connect {
     pub(crate) token: u64,
     pub(crate) timeout: Duration,
     pub(crate) reconnect: Option<Reconnect>,
+    pub(crate) tls: Option<crate::tls::ClientTls>,
 }
 
 #[derive(Clone, Debug)]
@@ -64,7 +65,30 @@ impl Connect {
             token: 0,
             timeout: DEFAULT_CONNECT_TIMEOUT,
             reconnect: None,
+            tls: None,
         }
+    }
+
+    /// The host part of a `Connect::to("host:port")`, the name TLS asks
+    /// for by default.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn host(&self) -> Option<&str> {
+        match &self.target {
+            Target::Host(h) => h
+                .rsplit_once(':')
+                .map(|(host, _)| host.trim_matches(['[', ']'])),
+            Target::Addrs(_) => None,
+        }
+    }
+
+    /// Speaks TLS on this connection: the handshake comes first, and
+    /// `on_open` runs when it completes (a failed handshake is a failed
+    /// connect, retried as the reconnect policy says). The server name is
+    /// the host of [`Connect::to`] unless `tls` names one.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Connect {
+        self.tls = Some(tls);
+        self
     }
 
     /// A number of the caller's choosing that comes back in

@@ -75,12 +75,46 @@ pub enum CloseReason {
     /// The peer's address was banned ([`Conn::ban_peer`](crate::Conn::ban_peer),
     /// [`Handle::ban`](crate::Handle::ban)).
     Banned,
+    /// TLS failed after the handshake: a record that did not decrypt, a
+    /// fatal alert from the peer, a peer that closed in the middle of a
+    /// record. (A connection whose handshake fails never opens, and is
+    /// counted in `Stats::tls_handshake_failures`.)
+    Tls(TlsError),
+}
+
+/// What went wrong in TLS, for [`CloseReason::Tls`] and the logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The peer's bytes are not TLS at all: a plaintext client on a TLS
+    /// port, or garbage.
+    #[error("the peer does not speak TLS")]
+    NotTls,
+    /// The handshake did not finish within `Builder::tls_handshake_timeout`.
+    #[error("the TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The peer closed the connection in the middle of the handshake or of
+    /// a record.
+    #[error("the peer closed in the middle of a TLS record")]
+    Truncated,
+    /// A record failed to decrypt or authenticate.
+    #[error("a TLS record failed to decrypt")]
+    Decrypt,
+    /// The peer's certificate was refused, or missing where one is required.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The peer sent a fatal alert.
+    #[error("the peer sent the alert {0}")]
+    Alert(String),
+    /// Any other violation of the protocol.
+    #[error("{0}")]
+    Protocol(String),
 }
 
 /// The metrics' names of the kinds of close, by [`CloseReason::kind`];
 /// the last is a connection `Handler::on_open` refused (it gets no
 /// `on_close`).
-pub(crate) const CLOSE_KINDS: [&str; 15] = [
+pub(crate) const CLOSE_KINDS: [&str; 16] = [
     "peer_closed",
     "local",
     "disconnected",
@@ -95,11 +129,12 @@ pub(crate) const CLOSE_KINDS: [&str; 15] = [
     "handler_panic",
     "loop_failed",
     "banned",
+    "tls",
     "rejected",
 ];
 
 /// Where a refusal by `on_open` is counted in the close kinds.
-pub(crate) const REJECTED: usize = 14;
+pub(crate) const REJECTED: usize = 15;
 
 impl CloseReason {
     /// The kind of reason as a short name, its data left out
@@ -125,6 +160,7 @@ impl CloseReason {
             CloseReason::HandlerPanic => 11,
             CloseReason::LoopFailed => 12,
             CloseReason::Banned => 13,
+            CloseReason::Tls(_) => 14,
         }
     }
 }

@@ -52,6 +52,10 @@ mod server;
 mod stats;
 mod sys;
 mod timer;
+#[cfg(feature = "tls")]
+pub mod tls;
+#[cfg(not(feature = "tls"))]
+mod tls;
 
 pub use access::{AcceptRate, BadNetwork, Ban, IpRules};
 pub use backend::Backend;
@@ -60,7 +64,7 @@ pub use bytes::Bytes;
 pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed, Lines};
 pub use conn::Conn;
 pub use connect::{Connect, ConnectFailure, Opening, Reconnect, DEFAULT_CONNECT_TIMEOUT};
-pub use error::{CloseReason, SendError, ShutdownError};
+pub use error::{CloseReason, SendError, ShutdownError, TlsError};
 pub use event_loop::Tick;
 pub use groups::Backplane;
 pub use handle::Handle;

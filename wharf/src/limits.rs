@@ -14,6 +14,8 @@ pub(crate) struct Limits {
     pub(crate) write_stall_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) first_message_timeout: Option<Duration>,
+    /// How long a TLS handshake may take.
+    pub(crate) tls_handshake_timeout: Duration,
     pub(crate) close_linger: Duration,
     pub(crate) close_slow_broadcast_peers: bool,
     pub(crate) max_connections: usize,
@@ -115,6 +117,7 @@ mod tests {
             write_stall_timeout: None,
             idle_timeout: None,
             first_message_timeout: None,
+            tls_handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
             close_linger: Duration::ZERO,
             close_slow_broadcast_peers: false,
             max_connections: max,

@@ -156,6 +156,22 @@ impl OutQueue {
         }
     }
 
+    /// Takes the next queued buffer, or its first `max` bytes (`max` > 0),
+    /// for a TLS session to encrypt.
+    pub(crate) fn pop_upto(&mut self, max: usize) -> Option<Bytes> {
+        if self.chunks.is_empty() {
+            self.seal();
+        }
+        let front = self.chunks.front_mut()?;
+        let chunk = if front.len() > max {
+            front.split_to(max)
+        } else {
+            self.chunks.pop_front().expect("a front chunk")
+        };
+        self.in_chunks -= chunk.len();
+        Some(chunk)
+    }
+
     /// Drops everything queued (the connection failed).
     pub(crate) fn clear(&mut self) {
         self.chunks.clear();

@@ -52,6 +52,8 @@ counters! {
     handler_panics,
     jobs_done,
     jobs_discarded,
+    tls_handshakes,
+    tls_failed,
 }
 
 /// What one loop last published: written by that loop once per turn, read
@@ -144,6 +146,12 @@ pub struct Stats {
     pub jobs_queued: u64,
     /// Submits refused because the pool's queue was full.
     pub jobs_refused: u64,
+    /// TLS handshakes completed (each connection then opened).
+    pub tls_handshakes: u64,
+    /// TLS connections closed before their handshake completed: not TLS,
+    /// a refused certificate, a timeout, a peer that left. They never
+    /// opened, so no callback saw them.
+    pub tls_handshake_failures: u64,
     closed_by: [u64; CLOSE_KINDS.len()],
 }
 
@@ -190,6 +198,8 @@ impl Stats {
             jobs_discarded: c.jobs_discarded,
             jobs_queued: 0,
             jobs_refused: 0,
+            tls_handshakes: c.tls_handshakes,
+            tls_handshake_failures: c.tls_failed,
             closed_by: c.closed_by,
         }
     }

@@ -23,6 +23,26 @@ impl<H: Handler> Core<H> {
             return;
         };
         let peer_done = open.eof;
+        if open.handshaking {
+            // Never opened (its TLS handshake was under way): no callback
+            // saw it, so none hears of its end.
+            tracing::debug!(
+                reason = reason.label(),
+                "closing a connection before its TLS handshake completed"
+            );
+            if reason != CloseReason::Shutdown {
+                self.counters.tls_failed += 1;
+            }
+            if let Some(dial) = self.conns[key as usize].dial.take() {
+                let peer = self.conns[key as usize].peer;
+                let e = std::io::Error::other(format!(
+                    "closed during the TLS handshake: {}",
+                    reason.label()
+                ));
+                self.dial_failed(dial, Some(peer), e);
+            }
+            return self.start_closing(key, flush, peer_done);
+        }
         self.shared().live.set_closed(key);
         self.counters.count_close(reason.kind());
         self.conns[key as usize].ctl.open = false;
@@ -230,6 +250,13 @@ impl<H: Handler> Core<H> {
         let at = |d: Instant| self.wheel.tick_of(d);
         match &slot.phase {
             Phase::Connecting => slot.dial.as_ref().and_then(|d| d.deadline).map(at),
+            Phase::Open(open) if open.handshaking => [
+                Some(slot.opened_tick + ticks(l.tls_handshake_timeout)),
+                self.shutdown.map(at),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             Phase::Open(open) => [
                 // Idle time does not run while wharf itself paused reading
                 // or the connection waits for its jobs: a peer that is
@@ -328,6 +355,10 @@ impl<H: Handler> Core<H> {
             Phase::Open(_) if self.shutdown.is_some_and(|d| self.wheel.tick_of(d) <= now) => {
                 // The shutdown's deadline passed before its jobs came back.
                 self.close(key, CloseReason::Shutdown, true);
+            }
+            Phase::Open(open) if open.handshaking => {
+                self.counters.timed_out += 1;
+                self.tls_failed(key, crate::TlsError::HandshakeTimeout);
             }
             Phase::Open(open) => {
                 self.counters.timed_out += 1;

@@ -19,6 +19,9 @@ use crate::limits::Cap;
 use crate::mailbox::Command;
 use crate::sys::{self, Driver, Flow, RecvEnd, SendBatch, Socket};
 
+/// Most plaintext encrypted for one send.
+const TLS_BATCH: usize = 256 * 1024;
+
 /// The span a connection's callbacks run in (entered for a whole batch of
 /// messages, not per message): what the handler logs there carries the
 /// connection's id, and a subscriber can follow one connection. While the
@@ -100,7 +103,29 @@ impl<H: Handler> Core<H> {
             self.handle.shared.release(Some(peer.ip()));
             return;
         };
-        self.open(key);
+        match self.tls.as_ref().map(|tls| tls.session()) {
+            None => self.open(key),
+            Some(Ok(session)) => self.start_handshake(key, session),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "could not start a TLS session");
+                self.counters.tls_failed += 1;
+                self.start_closing(key, false, false);
+            }
+        }
+    }
+
+    /// A TLS connection's handshake begins (its first flight, if it is the
+    /// client); `open` follows when it completes.
+    pub(super) fn start_handshake(&mut self, key: u32, session: crate::tls::Session) {
+        let slot = &mut self.conns[key as usize];
+        slot.tls = Some(Box::new(session));
+        // No sends and no broadcasts until it opens.
+        slot.ctl.open = false;
+        if let Phase::Open(open) = &mut slot.phase {
+            open.handshaking = true;
+        }
+        self.arm_timer(key);
+        self.touch(key);
     }
 
     /// Gives a new connection a slot and its state (`Handler::new_state`);
@@ -144,6 +169,7 @@ impl<H: Handler> Core<H> {
             outbound: dial.is_some(),
             dial,
             io: Io::default(),
+            tls: None,
             phase,
             opened_tick: self.stamp_tick,
             last_recv_tick: self.stamp_tick,
@@ -155,6 +181,14 @@ impl<H: Handler> Core<H> {
 
     /// A connection became usable: run `on_open`, then start receiving.
     fn open(&mut self, key: u32) {
+        let slot = &mut self.conns[key as usize];
+        if let Phase::Open(open) = &mut slot.phase {
+            if open.handshaking {
+                open.handshaking = false;
+                slot.ctl.open = true;
+                self.counters.tls_handshakes += 1;
+            }
+        }
         self.counters.accepted += 1;
         self.counters.open += 1;
         let id = self.id_of(key);
@@ -214,12 +248,95 @@ impl<H: Handler> Core<H> {
             handle: &self.handle,
             now: self.now,
             socket: &slot.socket,
+            tls: slot.tls.as_deref(),
         };
         f(&mut conn)
     }
 
     pub(super) fn received(&mut self, key: u32, data: &[u8]) -> Flow {
         self.counters.bytes_in += data.len() as u64;
+        if self.conns[key as usize].tls.is_some() {
+            return self.received_tls(key, data);
+        }
+        self.received_plain(key, data)
+    }
+
+    /// Ciphertext arrived: decrypt it, open the connection if that
+    /// completed the handshake, and take the plaintext on as if it had
+    /// come from the socket.
+    fn received_tls(&mut self, key: u32, data: &[u8]) -> Flow {
+        let slot = &mut self.conns[key as usize];
+        let (Phase::Open(open), Some(tls)) = (&slot.phase, slot.tls.as_deref_mut()) else {
+            return Flow::Continue; // closing: read only to be discarded
+        };
+        if slot.ctl.close_request.is_some() || open.eof {
+            return Flow::Continue;
+        }
+        slot.last_recv_tick = self.stamp_tick;
+        let was_handshaking = open.handshaking;
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        let result = tls.decrypt(data, &mut plain);
+        let done = !tls.is_handshaking();
+        let peer_closed = tls.peer_closed();
+        // The session may have something to send: handshake, alert, ticket.
+        self.touch(key);
+        let mut flow = Flow::Continue;
+        // A handshake that completed opens even if a record after it then
+        // failed: what decrypted before the failure is delivered, and the
+        // connection closes with the failure as its reason.
+        if was_handshaking && done {
+            self.open(key);
+        }
+        let still_open = matches!(
+            &self.conns[key as usize].phase,
+            Phase::Open(o) if !o.handshaking
+        );
+        if still_open && !plain.is_empty() {
+            flow = self.received_plain(key, &plain);
+        }
+        if let Err(e) = result {
+            self.tls_failed(key, e);
+        } else if peer_closed {
+            // close_notify: the same as EOF.
+            if let Phase::Open(open) = &mut self.conns[key as usize].phase {
+                open.eof = true;
+            }
+        }
+        if plain.capacity() <= 64 * 1024 {
+            self.plain = plain;
+        }
+        flow
+    }
+
+    /// TLS failed on this connection: before it opened, it is closed
+    /// without a callback (counted); after, with `CloseReason::Tls`. What
+    /// was queued is dropped (it can no longer be encrypted), and the
+    /// alert rustls has for the peer is sent before the FIN.
+    pub(super) fn tls_failed(&mut self, key: u32, e: crate::TlsError) {
+        let id = self.id_of(key);
+        let slot = &mut self.conns[key as usize];
+        slot.ctl.out.clear();
+        self.counters.bytes_dropped += slot.ctl.unsent as u64;
+        slot.ctl.unsent = 0;
+        let handshaking = matches!(&slot.phase, Phase::Open(o) if o.handshaking);
+        tracing::debug!(conn = %id, peer = %slot.peer, error = %e, handshaking, "TLS failed");
+        if !handshaking {
+            return self.close(key, CloseReason::Tls(e), true);
+        }
+        self.counters.tls_failed += 1;
+        if let Some(dial) = slot.dial.take() {
+            // A client connection whose handshake failed: a failed connect,
+            // retried as its policy says.
+            let peer = slot.peer;
+            let error = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+            self.dial_failed(dial, Some(peer), error);
+        }
+        let peer_done = matches!(&self.conns[key as usize].phase, Phase::Open(o) if o.eof);
+        self.start_closing(key, true, peer_done);
+    }
+
+    fn received_plain(&mut self, key: u32, data: &[u8]) -> Flow {
         let high = self.limits.high_water;
         let slot = &mut self.conns[key as usize];
         let Phase::Open(open) = &mut slot.phase else {
@@ -280,6 +397,7 @@ impl<H: Handler> Core<H> {
             handle: &self.handle,
             now: self.now,
             socket: &slot.socket,
+            tls: slot.tls.as_deref(),
         };
         let on_frame = |msg: &[u8]| {
             messages += 1;
@@ -338,7 +456,12 @@ impl<H: Handler> Core<H> {
         match (&mut slot.phase, error) {
             // Every request received is still delivered and answered
             // (`advance` closes once nothing is held).
-            (Phase::Open(open), None) => open.eof = true,
+            (Phase::Open(open), None) => {
+                open.eof = true;
+                if let Some(Err(e)) = slot.tls.as_deref_mut().map(|tls| tls.eof()) {
+                    self.tls_failed(key, e);
+                }
+            }
             (Phase::Open(_), Some(e)) => self.close_failed(key, e),
             (Phase::Closing(_), error) => self.closing_peer_done(key, error.is_some()),
             (Phase::Connecting, _) => {}
@@ -419,7 +542,25 @@ impl<H: Handler> Core<H> {
                     dial.deadline = None;
                     dial.pending.clear();
                 }
-                self.open(key);
+                let tls = slot.dial.as_ref().and_then(|d| {
+                    let host = d.request.host();
+                    let peer = slot.peer;
+                    d.request.tls.as_ref().map(|tls| tls.session(host, peer))
+                });
+                match tls {
+                    None => self.open(key),
+                    Some(Ok(session)) => self.start_handshake(key, session),
+                    Some(Err(e)) => {
+                        // Closed as a handshake that failed at once: a
+                        // connect failure, retried as its policy says.
+                        let slot = &mut self.conns[key as usize];
+                        slot.ctl.open = false;
+                        if let Phase::Open(open) = &mut slot.phase {
+                            open.handshaking = true;
+                        }
+                        self.tls_failed(key, crate::TlsError::Protocol(e.to_string()));
+                    }
+                }
             }
             other => {
                 let peer = slot.peer;
@@ -539,7 +680,10 @@ impl<H: Handler> Core<H> {
 
     pub(super) fn start_send(&mut self, driver: &mut Driver, key: u32) {
         let slot = &mut self.conns[key as usize];
-        if slot.io.sending || (slot.ctl.out.is_empty() && slot.io.leftover.is_none()) {
+        // A TLS session may have something of its own to send (handshake,
+        // close_notify): `fill_tls` finds out.
+        let idle = slot.ctl.out.is_empty() && slot.io.leftover.is_none() && slot.tls.is_none();
+        if slot.io.sending || idle {
             return;
         }
         if slot.io.leftover.is_none() && slot.ctl.unsent == slot.ctl.out.len() {
@@ -552,8 +696,69 @@ impl<H: Handler> Core<H> {
             .take()
             .or_else(|| self.spare_batches.pop())
             .unwrap_or_default();
+        if slot.tls.is_some() {
+            self.fill_tls(key, &mut batch);
+            let slot = &mut self.conns[key as usize];
+            if batch.is_empty() {
+                // Handshaking, with plaintext waiting for it to finish.
+                self.spare_batches.push(batch);
+                return;
+            }
+            slot.io.sending = true;
+            return driver.send(key, &slot.socket, batch);
+        }
         slot.ctl.out.fill(&mut batch);
         slot.io.sending = true;
         driver.send(key, &slot.socket, batch);
+    }
+
+    /// Encrypts what is queued (up to `TLS_BATCH` of plaintext at a time,
+    /// so that rustls never holds more than one send's worth), closes the
+    /// TLS stream once the queue is empty on a connection that is ending
+    /// its sending, and adds the ciphertext to `batch`. `unsent` and the
+    /// queued-bytes counter count what goes on the wire: the plaintext
+    /// taken out is replaced by its ciphertext.
+    fn fill_tls(&mut self, key: u32, batch: &mut SendBatch) {
+        let slot = &mut self.conns[key as usize];
+        let Some(tls) = slot.tls.as_deref_mut() else {
+            return;
+        };
+        let mut taken = 0;
+        if tls.can_encrypt() {
+            let chunks = &mut self.tls_chunks;
+            while taken < TLS_BATCH && chunks.len() < 64 {
+                match slot.ctl.out.pop_upto(TLS_BATCH - taken) {
+                    Some(chunk) => {
+                        taken += chunk.len();
+                        chunks.push(chunk);
+                    }
+                    None => break,
+                }
+            }
+            if !chunks.is_empty() {
+                let slices: Vec<std::io::IoSlice<'_>> =
+                    chunks.iter().map(|c| std::io::IoSlice::new(c)).collect();
+                tls.encrypt(&slices);
+                drop(slices);
+                chunks.clear();
+            }
+            let ending = !slot.ctl.open || slot.ctl.shut_write;
+            if ending && slot.ctl.out.is_empty() && !tls.notified() {
+                let handshaking = matches!(&slot.phase, Phase::Open(o) if o.handshaking);
+                if !handshaking {
+                    tls.close_notify();
+                }
+            }
+        }
+        if let Some(wire) = tls.take_output() {
+            self.counters.bytes_queued += wire.len() as u64;
+            self.counters.bytes_queued -= taken as u64;
+            slot.ctl.unsent = slot.ctl.unsent + wire.len() - taken;
+            batch.bufs.push(wire);
+        } else if taken > 0 {
+            // The session failed while encrypting: the plaintext is lost.
+            slot.ctl.unsent -= taken;
+            self.counters.bytes_dropped += taken as u64;
+        }
     }
 }

@@ -56,6 +56,8 @@ pub(crate) struct LoopConfig {
     pub(crate) spread_accepts: bool,
     /// The period of `Handler::on_tick`, if any.
     pub(crate) tick: Option<Duration>,
+    /// TLS for every accepted connection.
+    pub(crate) tls: Option<crate::tls::ServerTls>,
 }
 
 /// How long accepting pauses after an error such as EMFILE.
@@ -116,6 +118,12 @@ struct Core<H: Handler> {
     framing: Framing,
     socket_options: sys::SocketOptions,
     limits: Limits,
+    /// TLS for every accepted connection.
+    tls: Option<crate::tls::ServerTls>,
+    /// Plaintext just decrypted (reused).
+    plain: Vec<u8>,
+    /// Plaintext on its way into a TLS session (reused).
+    tls_chunks: Vec<bytes::Bytes>,
     spread_accepts: bool,
     /// The loop the next accepted connection goes to, when spreading.
     next_adopter: usize,
@@ -216,6 +224,9 @@ impl<H: Handler> EventLoop<H> {
                 spread_accepts: config.spread_accepts,
                 next_adopter: config.index,
                 limits: config.limits,
+                tls: config.tls,
+                plain: Vec::new(),
+                tls_chunks: Vec::new(),
                 conns: Slab::new(),
                 generations: Vec::new(),
                 listeners,

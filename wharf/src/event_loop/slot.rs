@@ -26,6 +26,8 @@ pub(super) struct Slot<S> {
     /// try, and its reconnect policy.
     pub(super) dial: Option<Box<Dial>>,
     pub(super) io: Io,
+    /// The connection's TLS, if it has any.
+    pub(super) tls: Option<Box<crate::tls::Session>>,
     pub(super) phase: Phase,
     /// Ticks (of the timer wheel, rounded up) of the last activity.
     pub(super) opened_tick: u64,
@@ -86,6 +88,10 @@ pub(super) struct Open {
     pub(super) congested: bool,
     /// At least one whole message has arrived.
     pub(super) got_message: bool,
+    /// The TLS handshake is under way: `on_open` has not run, and runs
+    /// when it completes. Nothing is delivered or accepted for sending
+    /// before, and a close before it calls no callback.
+    pub(super) handshaking: bool,
 }
 
 pub(super) enum Closing {

@@ -46,7 +46,9 @@ impl<H: Handler> Tick<'_, H> {
         self.keys.extend(
             core.conns
                 .iter()
-                .filter(|(_, s)| matches!(s.phase, Phase::Open(_)) && s.ctl.close_request.is_none())
+                .filter(|(_, s)| {
+                    matches!(s.phase, Phase::Open(_)) && s.ctl.open && s.ctl.close_request.is_none()
+                })
                 .map(|(k, _)| k as u32),
         );
         for &key in &self.keys {
