@@ -47,6 +47,19 @@ pub(crate) struct ServeArgs {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<String>,
+    /// Serve TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates that chain to a CA in this PEM file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<std::path::PathBuf>,
+    /// Offer these application protocols by ALPN (comma-separated, most
+    /// preferred first).
+    #[arg(long, value_name = "PROTOS", requires = "tls_cert", value_delimiter = ',')]
+    pub(crate) tls_alpn: Vec<String>,
 }
 
 /// `--backend` values.
@@ -91,6 +104,19 @@ impl ServeArgs {
         }
         if let Some(n) = self.max_per_ip {
             builder = builder.max_connections_per_ip(n);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let mut config = wharf::tls::ServerTlsConfig::new()
+                .cert_pem_files(cert, key)
+                .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?
+                .alpn(self.tls_alpn.iter().map(|p| p.as_bytes().to_vec()));
+            if let Some(ca) = &self.tls_client_ca {
+                config = config
+                    .client_auth_pem_file(ca, true)
+                    .map_err(|e| format!("--tls-client-ca: {e}"))?;
+            }
+            let config = config.build().map_err(|e| format!("TLS: {e}"))?;
+            builder = builder.tls(wharf::tls::ServerTls::new(config));
         }
         builder
             .bind(self.addr.as_str())
@@ -154,9 +180,10 @@ pub(crate) fn announce(
     args: &ServeArgs,
 ) -> Result<Option<wharf::metrics::Endpoint>, Box<dyn Error>> {
     println!(
-        "{what} server listening on {} ({:?} backend)",
+        "{what} server listening on {} ({:?} backend{})",
         server.local_addr(),
-        server.backend()
+        server.backend(),
+        if args.tls_cert.is_some() { ", TLS" } else { "" }
     );
     let Some(addr) = &args.metrics else {
         return Ok(None);

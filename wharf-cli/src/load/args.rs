@@ -58,6 +58,20 @@ pub struct Args {
     /// goes to stderr).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Speak TLS, verifying the server against the system's roots unless
+    /// --tls-ca or --tls-insecure says otherwise.
+    #[arg(long)]
+    tls: bool,
+    /// Verify the server against the CA certificates in this PEM file.
+    #[arg(long, value_name = "FILE", requires = "tls", conflicts_with = "tls_insecure")]
+    tls_ca: Option<PathBuf>,
+    /// Accept any server certificate (for self-signed test servers only).
+    #[arg(long, requires = "tls")]
+    tls_insecure: bool,
+    /// The name to ask for (SNI) and verify [default: the host of ADDR,
+    /// or its IP address].
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    tls_sni: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -102,6 +116,24 @@ impl Args {
                 .next()
                 .ok_or_else(|| format!("--metrics {m} resolves to no address"))?;
             config.metrics = Some(addr);
+        }
+        if self.tls {
+            let tls = if self.tls_insecure {
+                wharf::tls::ClientTls::insecure()
+            } else if let Some(ca) = &self.tls_ca {
+                wharf::tls::ClientTls::with_ca_pem_file(ca).map_err(|e| format!("--tls-ca: {e}"))?
+            } else {
+                wharf::tls::ClientTls::with_native_roots().map_err(|e| format!("--tls: {e}"))?
+            };
+            let host = self.addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']));
+            let name = self
+                .tls_sni
+                .as_deref()
+                .or(host.filter(|h| h.parse::<std::net::IpAddr>().is_err()));
+            config.tls = Some(match name {
+                Some(name) => tls.server_name(name).map_err(|e| format!("--tls-sni: {e}"))?,
+                None => tls,
+            });
         }
         config.flood = self
             .flood

@@ -115,6 +115,8 @@ pub struct Config {
     /// A connect flood during the window: so many connects a second from
     /// this source address.
     pub flood: Option<(u32, std::net::IpAddr)>,
+    /// Speak TLS on every connection (default: plaintext).
+    pub tls: Option<wharf::tls::ClientTls>,
 }
 
 impl Config {
@@ -135,6 +137,7 @@ impl Config {
             progress: true,
             metrics: None,
             flood: None,
+            tls: None,
         }
     }
 
@@ -361,7 +364,11 @@ fn connect_all(run: &Run, handle: &Handle, config: &Config) -> Result<(), LoadEr
     loop {
         let done = run.opened.load(Ordering::Relaxed) + run.failed.load(Ordering::Relaxed);
         while posted < total && posted - done.min(posted) < CONNECTS_IN_FLIGHT {
-            handle.connect(config.addr).map_err(LoadError::Start)?;
+            let mut connect = wharf::Connect::from(config.addr);
+            if let Some(tls) = &config.tls {
+                connect = connect.tls(tls.clone());
+            }
+            handle.connect(connect).map_err(LoadError::Start)?;
             posted += 1;
         }
         if done >= total {
