@@ -58,7 +58,12 @@ pub(crate) struct ServeArgs {
     pub(crate) tls_client_ca: Option<std::path::PathBuf>,
     /// Offer these application protocols by ALPN (comma-separated, most
     /// preferred first).
-    #[arg(long, value_name = "PROTOS", requires = "tls_cert", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "PROTOS",
+        requires = "tls_cert",
+        value_delimiter = ','
+    )]
     pub(crate) tls_alpn: Vec<String>,
 }
 

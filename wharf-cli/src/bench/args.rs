@@ -61,6 +61,11 @@ pub struct Args {
     /// clients; pipelines of 1 and 16), into kv.json and kv.svg.
     #[arg(long)]
     kv: bool,
+    /// Instead of the echo scenarios: wharf's TLS echo against
+    /// tokio-rustls (64 B and 16 KiB echo over 100 connections, and full
+    /// handshakes per second), into tls.json.
+    #[arg(long, conflicts_with = "kv")]
+    tls: bool,
 }
 
 impl Args {
@@ -192,6 +197,27 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
             out.join("kv.json").display(),
             out.join("kv.svg").display()
         );
+        return Ok(());
+    }
+    if args.tls {
+        let rounds = args.rounds.unwrap_or(5);
+        if rounds == 0 {
+            return Err("--rounds must be at least 1".into());
+        }
+        let window = Duration::try_from_secs_f64(args.duration.unwrap_or(2.0))
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or("bad --duration")?;
+        eprintln!(
+            "wharf bench --tls: {rounds} rounds; results in {}",
+            out.display()
+        );
+        let results = super::tls::run(&exe, rounds, window, !args.no_pin, &out)?;
+        println!("{}", super::tls::table(&results));
+        let path = out.join("tls.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
         return Ok(());
     }
     let plan = args.plan(exe)?;

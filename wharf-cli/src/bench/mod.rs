@@ -23,6 +23,7 @@ pub(crate) mod os;
 mod results;
 mod runs;
 mod table;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -63,7 +63,12 @@ pub struct Args {
     #[arg(long)]
     tls: bool,
     /// Verify the server against the CA certificates in this PEM file.
-    #[arg(long, value_name = "FILE", requires = "tls", conflicts_with = "tls_insecure")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls",
+        conflicts_with = "tls_insecure"
+    )]
     tls_ca: Option<PathBuf>,
     /// Accept any server certificate (for self-signed test servers only).
     #[arg(long, requires = "tls")]
@@ -125,13 +130,18 @@ impl Args {
             } else {
                 wharf::tls::ClientTls::with_native_roots().map_err(|e| format!("--tls: {e}"))?
             };
-            let host = self.addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']));
+            let host = self
+                .addr
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']));
             let name = self
                 .tls_sni
                 .as_deref()
                 .or(host.filter(|h| h.parse::<std::net::IpAddr>().is_err()));
             config.tls = Some(match name {
-                Some(name) => tls.server_name(name).map_err(|e| format!("--tls-sni: {e}"))?,
+                Some(name) => tls
+                    .server_name(name)
+                    .map_err(|e| format!("--tls-sni: {e}"))?,
                 None => tls,
             });
         }

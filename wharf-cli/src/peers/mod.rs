@@ -167,6 +167,13 @@ pub struct Args {
     /// Redis (`redis://HOST:PORT`; wharf only).
     #[arg(long, value_name = "URL", requires = "group")]
     cluster: Option<String>,
+    /// Serve TLS with this certificate chain (PEM); wharf's servers and
+    /// tokio-framed (which then runs tokio-rustls) only.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// What a server does with a message.
@@ -198,6 +205,19 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     if args.cluster.is_some() && !args.kind.is_wharf() {
         return Err(format!("{} has no --cluster", args.kind.name()).into());
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            if !args.kind.is_wharf() && args.kind != ServerKind::TokioFramed {
+                return Err(format!("{} has no --tls-cert", args.kind.name()).into());
+            }
+            let config = wharf::tls::ServerTlsConfig::new()
+                .cert_pem_files(cert, key)
+                .and_then(|c| c.build())
+                .map_err(|e| format!("--tls-cert: {e}"))?;
+            Some(std::sync::Arc::new(config))
+        }
+        _ => None,
+    };
     let ready = |addr: SocketAddr| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{addr}");
@@ -206,7 +226,8 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     };
     match args.kind {
         ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics => {
-            let server = wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref())?;
+            let server =
+                wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref(), tls)?;
             let _metrics = match args.kind {
                 ServerKind::WharfUringMetrics => Some(wharf_echo::scraped_endpoint(&server)?),
                 _ => None,
@@ -214,6 +235,9 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
             ready(server.local_addr());
             exit_when_stdin_closes();
             Ok(())
+        }
+        ServerKind::TokioFramed if tls.is_some() => {
+            tokio_echo::serve_tls(listen(args.addr)?, tls.expect("checked"), ready)
         }
         ServerKind::TokioFramed => tokio_echo::serve(listen(args.addr)?, mode, true, ready),
         ServerKind::TokioRaw => tokio_echo::serve(listen(args.addr)?, mode, false, ready),

@@ -53,6 +53,47 @@ pub(super) fn serve(
     })
 }
 
+/// tokio-rustls: the framed echo over a TLS stream, the way a tokio user
+/// adds TLS (a `TlsAcceptor` in front of the same `Framed` codec).
+pub(super) fn serve_tls(
+    listener: TcpListener,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), Box<dyn Error>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        ready(addr);
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // The same bound on a handshake as wharf's default.
+                let handshake = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(stream),
+                );
+                let Ok(Ok(tls)) = handshake.await else {
+                    return;
+                };
+                let mut framed = Framed::new(tls, LengthDelimitedCodec::new());
+                while let Some(Ok(frame)) = framed.next().await {
+                    if framed.send(frame.freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
 async fn echo_framed(stream: TcpStream) {
     let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
     while let Some(Ok(frame)) = framed.next().await {

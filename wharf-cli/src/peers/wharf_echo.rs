@@ -55,6 +55,7 @@ pub(super) fn start(
     addr: SocketAddr,
     mode: Mode,
     cluster: Option<&str>,
+    tls: Option<Arc<wharf::tls::rustls::ServerConfig>>,
 ) -> io::Result<Server> {
     let backend = match kind {
         ServerKind::WharfPoll => Backend::Poll,
@@ -66,6 +67,9 @@ pub(super) fn start(
             .map_err(|e| io::Error::other(format!("--cluster {url}: {e}")))?
             .namespace("wharf-bench");
         builder = builder.backplane(Arc::new(redis));
+    }
+    if let Some(config) = tls {
+        builder = builder.tls(wharf::tls::ServerTls::new(Arc::unwrap_or_clone(config)));
     }
     let server = builder.bind(addr)?.start(Peer { mode })?;
     // WHARF_BACKEND overrides the builder: a run on another backend than
