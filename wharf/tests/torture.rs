@@ -16,6 +16,10 @@
 //! - `shutdown` returns within its deadline (plus slack for the join);
 //! - descriptors and memory come back to where they were.
 //!
+//! The short run goes again with TLS on for part of its time (the server
+//! with `Builder::tls`, the clients with rustls; a half-close is then
+//! close_notify and a FIN).
+//!
 //! `WHARF_SEED=N` replays a run (the seed is printed); `WHARF_TORTURE_SECS`
 //! sets its length per backend (default 12 s; the ignored long version
 //! runs 10 minutes per backend).
@@ -144,8 +148,84 @@ struct ClientTally {
     cut_by_shutdown: u64,
 }
 
+/// A client's connection: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<wharf::tls::rustls::StreamOwned<wharf::tls::rustls::ClientConnection, TcpStream>>),
+}
+
+/// What the clients connect with.
+#[derive(Clone)]
+enum Client {
+    Plain,
+    #[cfg(feature = "tls")]
+    Tls(Arc<wharf::tls::rustls::ClientConfig>),
+}
+
+impl Stream {
+    fn connect(addr: SocketAddr, client: &Client) -> io::Result<Stream> {
+        let tcp = TcpStream::connect(addr)?;
+        Ok(match client {
+            Client::Plain => Stream::Plain(tcp),
+            #[cfg(feature = "tls")]
+            Client::Tls(config) => {
+                let name = "localhost".try_into().unwrap();
+                let conn = wharf::tls::rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(io::Error::other)?;
+                Stream::Tls(Box::new(wharf::tls::rustls::StreamOwned::new(conn, tcp)))
+            }
+        })
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+
+    /// Ends the write side: the FIN (after close_notify, with TLS).
+    fn half_close(&mut self) {
+        #[cfg(feature = "tls")]
+        if let Stream::Tls(s) = self {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let _ = self.tcp().shutdown(Shutdown::Write);
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// Reads one frame; `Ok(None)` at a clean EOF between frames.
-fn read_one(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+fn read_one(s: &mut Stream) -> io::Result<Option<Vec<u8>>> {
     let mut h = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -169,17 +249,20 @@ fn read_one(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
 /// violation.
 fn one_connection(
     addr: SocketAddr,
+    client: &Client,
     rng: &mut Rng,
     stopping: &AtomicBool,
     t: &mut ClientTally,
 ) -> Result<(), String> {
-    let mut s = match TcpStream::connect(addr) {
+    let mut s = match Stream::connect(addr, client) {
         Ok(s) => s,
         Err(_) if stopping.load(Ordering::SeqCst) => return Ok(()),
         Err(e) => return Err(format!("connect: {e}")),
     };
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.set_nodelay(rng.chance(50)).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    s.tcp().set_nodelay(rng.chance(50)).unwrap();
     t.connections += 1;
     let n = 1 + rng.below(40) as usize;
     // The requests, and how the connection ends.
@@ -272,13 +355,13 @@ fn one_connection(
         if b == last {
             if reset {
                 t.resets += 1;
-                let sock = socket2::SockRef::from(&s);
+                let sock = socket2::SockRef::from(s.tcp());
                 sock.set_linger(Some(Duration::ZERO)).unwrap();
                 return Ok(());
             }
             if half_close {
                 t.half_closes += 1;
-                let _ = s.shutdown(Shutdown::Write);
+                s.half_close();
             }
             if stall {
                 std::thread::sleep(Duration::from_millis(rng.below(300)));
@@ -343,19 +426,25 @@ fn one_connection(
 }
 
 fn run(backend: Backend, seed: u64, secs: u64) {
-    eprintln!("torture on {backend:?}: WHARF_SEED={seed} for {secs} s");
+    run_with(backend, seed, secs, false)
+}
+
+fn run_with(backend: Backend, seed: u64, secs: u64, tls: bool) {
+    eprintln!("torture on {backend:?}: WHARF_SEED={seed} for {secs} s, TLS {tls}");
     let fds_before = open_fds();
     let rss_before = rss_kib();
     let tally = Arc::new(Tally::default());
     let (tx, rx) = mpsc::channel::<Job>();
     let mut rng = Rng(seed | 1);
-    let server = Server::builder()
+    let builder = Server::builder()
         .backend(backend)
         .threads(1 + rng.below(3) as usize)
         .framing(Framing::length_prefixed().max_frame(MAX_FRAME))
         .reuse_port(rng.chance(50))
         .bind("127.0.0.1:0")
-        .unwrap()
+        .unwrap();
+    let (builder, client) = with_tls(builder, tls);
+    let server = builder
         .start(Torture {
             jobs: Mutex::new(tx),
             tally: tally.clone(),
@@ -404,11 +493,12 @@ fn run(backend: Backend, seed: u64, secs: u64) {
     let clients: Vec<_> = (0..12)
         .map(|c| {
             let mut rng = Rng(rng.next() | 1);
+            let client = client.clone();
             let (stopping, failures, totals) = (stopping.clone(), failures.clone(), totals.clone());
             std::thread::spawn(move || {
                 let mut t = ClientTally::default();
                 while !stopping.load(Ordering::SeqCst) {
-                    if let Err(e) = one_connection(addr, &mut rng, &stopping, &mut t) {
+                    if let Err(e) = one_connection(addr, &client, &mut rng, &stopping, &mut t) {
                         if !stopping.load(Ordering::SeqCst) {
                             failures.lock().unwrap().push(format!("client {c}: {e}"));
                         }
@@ -507,6 +597,31 @@ fn run(backend: Backend, seed: u64, secs: u64) {
     }
 }
 
+/// TLS on the server (a certificate made for the run) and its clients.
+#[cfg(feature = "tls")]
+fn with_tls(builder: wharf::Builder, tls: bool) -> (wharf::Builder, Client) {
+    if !tls {
+        return (builder, Client::Plain);
+    }
+    let ca = util::tls::Ca::new("torture CA");
+    let leaf = ca.issue(&["localhost"]);
+    let config = wharf::tls::ServerTlsConfig::new()
+        .cert(leaf.chain.clone(), leaf.key())
+        .unwrap()
+        .build()
+        .unwrap();
+    let client = Client::Tls(Arc::new(util::tls::client_config(&ca)));
+    (builder.tls(wharf::tls::ServerTls::new(config)), client)
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_tls(builder: wharf::Builder, tls: bool) -> (wharf::Builder, Client) {
+    if tls {
+        eprintln!("SKIPPED the TLS part of the torture run: built without the tls feature");
+    }
+    (builder, Client::Plain)
+}
+
 fn seed() -> u64 {
     match std::env::var("WHARF_SEED") {
         Ok(s) => s.parse().expect("WHARF_SEED is a number"),
@@ -528,6 +643,9 @@ fn secs(default: u64) -> u64 {
 fn torture_short() {
     let seed = seed();
     each_backend_kind(|backend| run(backend, seed, secs(12)));
+    if cfg!(feature = "tls") {
+        each_backend_kind(|backend| run_with(backend, seed, secs(12) / 2, true));
+    }
 }
 
 #[test]
