@@ -36,6 +36,7 @@
 //! | `wharf_fanout_skips` (broadcast and group messages a slow peer missed) | counter | |
 //! | `wharf_handler_panics`, `wharf_timeouts`, `wharf_accept_pauses`, `wharf_recv_buffer_waits` | counter | |
 //! | `wharf_jobs_done`, `wharf_jobs_discarded`, `wharf_jobs_refused` | counter | |
+//! | `wharf_tls_handshakes`, `wharf_tls_handshake_failures` (connections that never opened) | counter | |
 //! | `wharf_jobs_queued`, `wharf_loops`, `wharf_failed_loops`, `wharf_bans`, `wharf_groups` | gauge | |
 //! | `process_cpu_seconds` (Unix) | counter | |
 
@@ -271,6 +272,18 @@ impl Collector for Figures {
             "wharf_jobs_refused",
             "Job submits refused, the pool's queue full.",
             all.jobs_refused,
+        )?;
+        counter(
+            e,
+            "wharf_tls_handshakes",
+            "TLS handshakes completed.",
+            all.tls_handshakes,
+        )?;
+        counter(
+            e,
+            "wharf_tls_handshake_failures",
+            "TLS connections closed before their handshake completed.",
+            all.tls_handshake_failures,
         )?;
         gauge(
             e,
