@@ -481,10 +481,13 @@ fn a_peer_that_stops_reading_holds_the_queue_at_its_mark_and_loses_nothing() {
     });
 }
 
+type Opened = (u64, Option<Vec<u8>>);
+
 /// A TLS client connection from `Handle::connect`, to a wharf TLS server.
 #[derive(Clone, Default)]
 struct Dialer {
-    opened: Arc<Mutex<Vec<(u64, Option<Vec<u8>>)>>>,
+    /// Token and ALPN protocol of each connection opened.
+    opened: Arc<Mutex<Vec<Opened>>>,
     got: Arc<Mutex<Vec<Vec<u8>>>>,
     failed: Arc<Mutex<Vec<(u64, String)>>>,
 }
