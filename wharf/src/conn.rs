@@ -200,8 +200,15 @@ impl ConnCtl {
         n
     }
 
+    /// Open, and its sending not ended by a half-close: what is queued
+    /// now would still go out (after the FIN it would fail the connection,
+    /// after close_notify it could not be encrypted).
+    pub(crate) fn writable(&self) -> bool {
+        self.open && !self.shut_write
+    }
+
     fn admit(&self, high_water: usize) -> Result<(), SendError> {
-        if !self.open || self.shut_write {
+        if !self.writable() {
             Err(SendError::Closed)
         } else if self.unsent > high_water {
             Err(SendError::Backpressure)
@@ -509,7 +516,7 @@ impl<S> Conn<'_, S> {
                 // over its mark is left to the loop, which skips or closes
                 // it as it does any slow member.
                 let mut skip = None;
-                let mine = self.ctl.open && self.ctl.groups.contains(group);
+                let mine = self.ctl.writable() && self.ctl.groups.contains(group);
                 if mine && self.ctl.unsent <= self.high_water {
                     skip = Some(self.slot);
                     let n = self.ctl.send_encoded(wire.clone());

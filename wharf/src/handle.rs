@@ -354,6 +354,11 @@ impl LoopShared {
         self.failed.store(true, Ordering::Release);
     }
 
+    /// The loop's driver failed (`mark_failed`).
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// The error for a post this loop's mailbox refused (the loop ended).
     fn refusal(&self) -> SendError {
         if self.failed.load(Ordering::Acquire) {

@@ -41,6 +41,17 @@ impl Handler for Controls {
                 conn.shutdown_write();
                 assert_eq!(conn.send(b"late"), Err(wharf::SendError::Closed));
             }
+            b"join" => {
+                assert!(conn.join("room"));
+                conn.send(b"joined").unwrap();
+            }
+            b"half and publish" => {
+                conn.send(b"bye").unwrap();
+                conn.shutdown_write();
+                // Its own copy is not queued after the FIN; the call itself
+                // succeeds (the group has other members).
+                conn.publish("room", b"to the room").unwrap();
+            }
             b"pause" => {
                 conn.pause_reading();
                 conn.set_timer(1, Duration::from_millis(300));
@@ -105,6 +116,56 @@ fn shutdown_write_sends_eof_and_keeps_reading() {
         });
         assert!(h.reasons.lock().unwrap().is_empty(), "closed too soon");
         c.shutdown(std::net::Shutdown::Write).unwrap();
+        wait_until(10, "on_close", || h.reasons.lock().unwrap().len() == 1);
+        assert_eq!(h.reasons.lock().unwrap()[0], CloseReason::PeerClosed);
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    });
+}
+
+/// Nothing reaches a connection's queue after it half-closed: a
+/// broadcast or a group message queued behind the FIN would fail the
+/// connection (a send after the FIN is a broken pipe), so it is skipped
+/// for that connection, and the connection stays usable for reading.
+#[test]
+fn fanout_skips_a_half_closed_connection() {
+    each_backend(|b| {
+        let h = Controls::default();
+        let server = start(b, &h);
+        let addr = server.local_addr();
+        let mut member = connect(addr);
+        write_frame(&mut member, b"join");
+        assert_eq!(read_frame(&mut member).unwrap(), b"joined");
+        let mut half = connect(addr);
+        write_frame(&mut half, b"join");
+        assert_eq!(read_frame(&mut half).unwrap(), b"joined");
+        write_frame(&mut half, b"half and publish");
+        assert_eq!(read_frame(&mut half).unwrap(), b"bye");
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            half.read(&mut buf).unwrap(),
+            0,
+            "EOF after the queued reply"
+        );
+        assert_eq!(read_frame(&mut member).unwrap(), b"to the room");
+        // From another thread: a broadcast, and a publish to the group.
+        server
+            .handle()
+            .broadcast(bytes::Bytes::from_static(b"to all"))
+            .unwrap();
+        server.handle().publish("room", b"again").unwrap();
+        assert_eq!(read_frame(&mut member).unwrap(), b"to all");
+        assert_eq!(read_frame(&mut member).unwrap(), b"again");
+        // The half-closed one still reads, and ends as its peer ends it.
+        write_frame(&mut half, b"still read");
+        wait_until(10, "the message after the half-close", || {
+            h.messages.load(Ordering::SeqCst) == 4
+        });
+        assert!(
+            h.reasons.lock().unwrap().is_empty(),
+            "closed: {:?}",
+            h.reasons.lock().unwrap()
+        );
+        half.shutdown(std::net::Shutdown::Write).unwrap();
         wait_until(10, "on_close", || h.reasons.lock().unwrap().len() == 1);
         assert_eq!(h.reasons.lock().unwrap()[0], CloseReason::PeerClosed);
         server.shutdown(Duration::from_secs(2)).unwrap();

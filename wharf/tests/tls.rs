@@ -171,7 +171,9 @@ fn a_close_sends_close_notify_after_the_last_reply() {
 #[test]
 fn python_ssl_client_completes_a_handshake_and_echoes() {
     if cfg!(windows) {
-        eprintln!("SKIPPED: Python's ssl client is a Linux program; this Windows build has none to run");
+        eprintln!(
+            "SKIPPED: Python's ssl client is a Linux program; this Windows build has none to run"
+        );
         return;
     }
     let f = fixture();
@@ -217,7 +219,9 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=10) as ra
 #[test]
 fn openssl_s_client_completes_a_handshake_and_echoes() {
     if cfg!(windows) {
-        eprintln!("SKIPPED: openssl s_client is a Linux program; this Windows build has none to run");
+        eprintln!(
+            "SKIPPED: openssl s_client is a Linux program; this Windows build has none to run"
+        );
         return;
     }
     if Command::new("openssl").arg("version").output().is_err() {
@@ -461,7 +465,9 @@ fn a_peer_that_stops_reading_holds_the_queue_at_its_mark_and_loses_nothing() {
             .start(h.clone())
             .unwrap();
         let mut s = connect_tls(server.local_addr(), client_config(&f.ca), "localhost").unwrap();
-        wait_until(10, "the connection to open", || !h.0.lock().unwrap().is_empty());
+        wait_until(10, "the connection to open", || {
+            !h.0.lock().unwrap().is_empty()
+        });
         let id = h.0.lock().unwrap()[0];
         let msg = wharf::Bytes::from(pattern(5, 16 * 1024 - 4));
         // The peer reads nothing: sends are refused once the mark (counted
@@ -470,13 +476,122 @@ fn a_peer_that_stops_reading_holds_the_queue_at_its_mark_and_loses_nothing() {
         let n = accepted / msg.len();
         assert!(n > 0);
         let queued = server.handle().stats().queued_bytes;
-        assert!(queued < 4 << 20, "{queued} bytes queued for a peer that reads nothing");
+        assert!(
+            queued < 4 << 20,
+            "{queued} bytes queued for a peer that reads nothing"
+        );
         // Then it reads: every message, byte-exact and in order.
         for i in 0..n {
             let got = read_frame_tls(&mut s).unwrap();
             assert!(got[..] == msg[..], "message {i} of {n} differs");
         }
-        wait_until(10, "the queue to drain", || server.handle().stats().queued_bytes == 0);
+        wait_until(10, "the queue to drain", || {
+            server.handle().stats().queued_bytes == 0
+        });
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    });
+}
+
+/// Records each connection's id and each close.
+#[derive(Clone, Default)]
+struct Held {
+    ids: Arc<Mutex<Vec<wharf::ConnId>>>,
+    closes: Arc<Mutex<Vec<CloseReason>>>,
+}
+
+impl Handler for Held {
+    type State = ();
+    fn on_open(&self, conn: &mut Conn<'_, ()>) -> wharf::Accept {
+        self.ids.lock().unwrap().push(conn.id());
+        wharf::Accept::Yes
+    }
+    fn on_message(&self, _: &mut Conn<'_, ()>, _: &[u8]) {}
+    fn on_close(&self, _: &mut Conn<'_, ()>, reason: CloseReason) {
+        self.closes.lock().unwrap().push(reason);
+    }
+}
+
+/// The inode of the socket of this process bound to `local` and connected
+/// to `remote` (IPv4 loopback), from /proc/net/tcp: `Some(0)` once the
+/// process has closed it and only the kernel still holds it, `None` when
+/// it is gone.
+#[cfg(target_os = "linux")]
+fn socket_inode(local: u16, remote: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (port(f[1]) == local && port(f[2]) == remote).then(|| f[9].parse().unwrap())
+    })
+}
+
+/// A TLS failure while ciphertext is still on its way to a peer that
+/// stopped reading (below the mark, so the server still reads): the
+/// plaintext waiting is dropped, the records already made (and the
+/// alert) go on flushing, and the write-stall timeout still cuts the
+/// flush short, so the connection is released rather than kept for as
+/// long as the peer keeps its window shut.
+#[test]
+fn a_tls_failure_behind_a_stalled_send_is_cut_off_by_the_stall_timeout() {
+    let f = fixture();
+    each_backend(|b| {
+        let h = Held::default();
+        let server = b
+            .threads(1)
+            .send_water_marks(64 << 20, 32 << 20)
+            .write_stall_timeout(Some(Duration::from_secs(2)))
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .tls(ServerTls::from_pem_files(&f.cert, &f.key).unwrap())
+            .start(h.clone())
+            .unwrap();
+        let addr = server.local_addr();
+        let (mut conn, mut tcp) = handshaken(addr, &f.ca);
+        wait_until(10, "the connection to open", || {
+            !h.ids.lock().unwrap().is_empty()
+        });
+        let id = h.ids.lock().unwrap()[0];
+        // The peer reads nothing: 16 MiB, more than the kernel's buffers
+        // hold, so a send sticks in flight; below the mark, so the server
+        // goes on reading.
+        let msg = wharf::Bytes::from(pattern(6, 512 * 1024 - 4));
+        for _ in 0..32 {
+            server.handle().send(id, msg.clone()).unwrap();
+        }
+        wait_until(10, "the queue to stop moving", || {
+            let q = server.handle().stats().queued_bytes;
+            std::thread::sleep(Duration::from_millis(200));
+            q > 0 && q == server.handle().stats().queued_bytes
+        });
+        #[cfg(target_os = "linux")]
+        let ports = (addr.port(), tcp.local_addr().unwrap().port());
+        #[cfg(target_os = "linux")]
+        assert!(
+            socket_inode(ports.0, ports.1).is_some_and(|i| i != 0),
+            "the server's socket is not in /proc/net/tcp"
+        );
+        // Then a record that fails to decrypt.
+        conn.writer().write_all(&frame(b"tampered")).unwrap();
+        let mut wire = Vec::new();
+        conn.write_tls(&mut wire).unwrap();
+        let last = wire.len() - 1;
+        wire[last] ^= 0x55;
+        tcp.write_all(&wire).unwrap();
+        wait_until(10, "the TLS close", || !h.closes.lock().unwrap().is_empty());
+        assert_eq!(
+            h.closes.lock().unwrap()[..],
+            [CloseReason::Tls(TlsError::Decrypt)]
+        );
+        #[cfg(target_os = "linux")]
+        wait_until(10, "the stalled flush to be cut off", || {
+            socket_inode(ports.0, ports.1).is_none_or(|i| i == 0)
+        });
+        #[cfg(not(target_os = "linux"))]
+        eprintln!("SKIPPED the check that the socket was released: it reads /proc/net/tcp");
+        wait_until(10, "nothing queued", || {
+            server.handle().stats().queued_bytes == 0
+        });
+        drop(tcp);
         server.shutdown(Duration::from_secs(2)).unwrap();
     });
 }
@@ -490,6 +605,9 @@ struct Dialer {
     opened: Arc<Mutex<Vec<Opened>>>,
     got: Arc<Mutex<Vec<Vec<u8>>>>,
     failed: Arc<Mutex<Vec<(u64, String)>>>,
+    /// The delays announced by the failures of the reconnecting connect
+    /// (token 5).
+    retries: Arc<Mutex<Vec<Option<Duration>>>>,
 }
 
 impl Handler for Dialer {
@@ -507,6 +625,10 @@ impl Handler for Dialer {
         self.got.lock().unwrap().push(msg.to_vec());
     }
     fn on_connect_failed(&self, failure: ConnectFailure) {
+        if failure.token == 5 {
+            self.retries.lock().unwrap().push(failure.retry_in);
+            return;
+        }
         let why = failure.error.to_string();
         self.failed.lock().unwrap().push((failure.token, why));
     }
@@ -565,6 +687,24 @@ fn a_client_connection_speaks_tls_and_verifies_the_server() {
             .handle()
             .connect(Connect::from(addr).token(4).tls(untrusted))
             .unwrap();
+        // A wrong name again, reconnecting: each failed handshake is a
+        // failed attempt, so the delays grow as for failed connects.
+        let policy = wharf::Reconnect::new()
+            .initial(Duration::from_millis(50))
+            .jitter(0.0);
+        let wrong = ClientTls::with_ca_pem_file(&ca_file)
+            .unwrap()
+            .server_name("elsewhere.test")
+            .unwrap();
+        client
+            .handle()
+            .connect(Connect::from(addr).token(5).tls(wrong).reconnect(policy))
+            .unwrap();
+        wait_until(20, "three failed handshakes in a row", || {
+            d.retries.lock().unwrap().len() >= 3
+        });
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(d.retries.lock().unwrap()[..3], [ms(50), ms(100), ms(200)]);
         wait_until(20, "two echoes and two failures", || {
             d.got.lock().unwrap().len() == 2 && d.failed.lock().unwrap().len() == 2
         });

@@ -39,7 +39,7 @@ impl<H: Handler> Core<H> {
                     "closed during the TLS handshake: {}",
                     reason.label()
                 ));
-                self.dial_failed(dial, Some(peer), e);
+                self.next_address(dial, peer, e);
             }
             return self.start_closing(key, flush, peer_done);
         }
@@ -195,6 +195,10 @@ impl<H: Handler> Core<H> {
                 let flushed =
                     !slot.io.sending && slot.ctl.out.is_empty() && slot.io.leftover.is_none();
                 if !flushed {
+                    // What the send added (a TLS alert or close_notify)
+                    // is under the write-stall timeout too.
+                    self.arm_timer(key);
+                    let slot = &mut self.conns[key as usize];
                     if !peer_done && slot.io.recv == Recv::Idle {
                         // Keep reading (and discarding) so the peer's
                         // window stays open and its FIN or reset is seen.

@@ -187,7 +187,16 @@ impl<H: Handler> Core<H> {
                 open.handshaking = false;
                 slot.ctl.open = true;
                 self.counters.tls_handshakes += 1;
+                // The first-message timeout counts from here: the
+                // handshake had its own.
+                slot.opened_tick = self.stamp_tick;
             }
+        }
+        if let Some(dial) = &mut slot.dial {
+            // Open: a failure from now on is a close, and the next
+            // reconnect starts from the first delay.
+            dial.attempt = 0;
+            dial.pending.clear();
         }
         self.counters.accepted += 1;
         self.counters.open += 1;
@@ -316,9 +325,14 @@ impl<H: Handler> Core<H> {
     pub(super) fn tls_failed(&mut self, key: u32, e: crate::TlsError) {
         let id = self.id_of(key);
         let slot = &mut self.conns[key as usize];
+        // The plaintext waiting to be encrypted is lost; ciphertext in
+        // flight or left by a short send still goes out (it is whole
+        // records), and `unsent` keeps counting it, so the write-stall
+        // timeout still applies to it.
+        let plain = slot.ctl.out.len();
         slot.ctl.out.clear();
-        self.counters.bytes_dropped += slot.ctl.unsent as u64;
-        slot.ctl.unsent = 0;
+        slot.ctl.unsent -= plain;
+        self.counters.bytes_dropped += plain as u64;
         let handshaking = matches!(&slot.phase, Phase::Open(o) if o.handshaking);
         tracing::debug!(conn = %id, peer = %slot.peer, error = %e, handshaking, "TLS failed");
         if !handshaking {
@@ -326,11 +340,12 @@ impl<H: Handler> Core<H> {
         }
         self.counters.tls_failed += 1;
         if let Some(dial) = slot.dial.take() {
-            // A client connection whose handshake failed: a failed connect,
-            // retried as its policy says.
+            // A client connection whose handshake failed: a failed connect
+            // to this address; the next one is tried, or the connect fails
+            // and is retried as its policy says.
             let peer = slot.peer;
             let error = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-            self.dial_failed(dial, Some(peer), error);
+            self.next_address(dial, peer, error);
         }
         let peer_done = matches!(&self.conns[key as usize].phase, Phase::Open(o) if o.eof);
         self.start_closing(key, true, peer_done);
@@ -537,10 +552,10 @@ impl<H: Handler> Core<H> {
                 slot.last_recv_tick = self.stamp_tick;
                 slot.opened_tick = self.stamp_tick;
                 if let Some(dial) = &mut slot.dial {
-                    // Open: the next reconnect starts from the first delay.
-                    dial.attempt = 0;
+                    // Connected: the connect timeout is over (a TLS
+                    // handshake has its own). The back-off and the
+                    // addresses left are kept until the connection opens.
                     dial.deadline = None;
-                    dial.pending.clear();
                 }
                 let tls = slot.dial.as_ref().and_then(|d| {
                     let host = d.request.host();

@@ -68,7 +68,7 @@ impl<H: Handler> Core<H> {
     /// One address failed: try the next (at the end of this turn), or
     /// report the connect failed.
     pub(super) fn next_address(&mut self, mut dial: Box<Dial>, addr: SocketAddr, e: io::Error) {
-        if dial.pending.is_empty() || self.shutdown.is_some() {
+        if dial.pending.is_empty() || self.shutdown.is_some() || self.shared().has_failed() {
             return self.dial_failed(dial, Some(addr), e);
         }
         tracing::debug!(%addr, error = %e, "connect failed; trying the next address");
@@ -88,7 +88,10 @@ impl<H: Handler> Core<H> {
         addr: Option<SocketAddr>,
         e: io::Error,
     ) {
-        let retry = dial.request.reconnect.filter(|_| self.shutdown.is_none());
+        // Neither at shutdown nor on a loop whose driver failed (nothing
+        // would run the reconnect).
+        let ending = self.shutdown.is_some() || self.shared().has_failed();
+        let retry = dial.request.reconnect.filter(|_| !ending);
         let retry_in = retry.map(|policy| {
             dial.attempt = dial.attempt.saturating_add(1);
             policy.delay(dial.attempt, self.random())
@@ -109,7 +112,7 @@ impl<H: Handler> Core<H> {
         let Some(policy) = dial.request.reconnect else {
             return;
         };
-        if self.shutdown.is_some() {
+        if self.shutdown.is_some() || self.shared().has_failed() {
             return;
         }
         dial.attempt = 1;

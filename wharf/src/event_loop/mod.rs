@@ -84,7 +84,7 @@ struct Fanout<'a> {
 
 impl Fanout<'_> {
     fn queue<S>(&mut self, key: u32, slot: &mut Slot<S>) {
-        if !slot.ctl.open {
+        if !slot.ctl.writable() {
             return;
         }
         if slot.ctl.unsent > self.limits.high_water {
