@@ -75,46 +75,53 @@ impl Session {
         if self.failed || self.records.closed {
             return Ok(());
         }
-        if let Err(e) = self.records.feed(data) {
-            self.failed = true;
-            return Err(e);
-        }
         let mut rest = data;
         while !rest.is_empty() {
             // Never called with nothing: an empty read means EOF to rustls.
+            let before = rest;
             let n = match self.conn.read_tls(&mut rest) {
                 Ok(n) => n,
-                Err(e) => {
-                    self.failed = true;
-                    return Err(TlsError::Protocol(e.to_string()));
-                }
+                Err(e) => return Err(self.fail(TlsError::Protocol(e.to_string()), plain)),
             };
+            // The headers are followed in step with rustls, over what it
+            // took: a bad one found here names the failure better than
+            // rustls's own error (plaintext on a TLS port is `NotTls`).
+            let headers = self.records.feed(&before[..n]);
             let state = match self.conn.process_new_packets() {
                 Ok(state) => state,
                 Err(e) => {
-                    self.failed = true;
-                    return Err(classify(e));
+                    let e = headers.err().unwrap_or_else(|| classify(e));
+                    return Err(self.fail(e, plain));
                 }
             };
-            let len = state.plaintext_bytes_to_read();
-            if len > 0 {
-                let start = plain.len();
-                plain.resize(start + len, 0);
-                self.conn
-                    .reader()
-                    .read_exact(&mut plain[start..])
-                    .expect("rustls holds the plaintext it counted");
-            }
+            take_plaintext(&mut self.conn, state.plaintext_bytes_to_read(), plain);
             if state.peer_has_closed() {
-                // Anything after close_notify is not read.
+                // Anything after close_notify is not read, nor judged.
                 self.records.closed = true;
                 break;
+            }
+            if let Err(e) = headers {
+                return Err(self.fail(e, plain));
             }
             if n == 0 {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// The session failed with `e`: nothing more is decrypted. The
+    /// plaintext of the records that came whole before the failure is
+    /// still handed on (it was authenticated), as if it had come in a read
+    /// of its own.
+    fn fail(&mut self, e: TlsError, plain: &mut Vec<u8>) -> TlsError {
+        self.failed = true;
+        let mut buf = [0u8; 4096];
+        // rustls answers `WouldBlock` once nothing is buffered.
+        while let Ok(n @ 1..) = self.conn.reader().read(&mut buf) {
+            plain.extend_from_slice(&buf[..n]);
+        }
+        e
     }
 
     /// The peer's FIN came: fine between records after the handshake (many
@@ -176,6 +183,17 @@ impl Session {
             }
         }
         Some(Bytes::from(out))
+    }
+}
+
+/// Moves the `len` bytes of plaintext rustls has decrypted into `plain`.
+fn take_plaintext(conn: &mut Connection, len: usize, plain: &mut Vec<u8>) {
+    if len > 0 {
+        let start = plain.len();
+        plain.resize(start + len, 0);
+        conn.reader()
+            .read_exact(&mut plain[start..])
+            .expect("rustls holds the plaintext it counted");
     }
 }
 
@@ -281,5 +299,73 @@ mod tests {
         ));
         let mut r = Records::default();
         assert_eq!(r.feed(&[23, 3, 3, 0xff, 0xff]), Err(TlsError::NotTls));
+    }
+
+    /// A server and a client session that have finished their handshake in
+    /// memory.
+    fn pair() -> (Session, Session) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = issued.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(issued.signing_key.serialize_der().into());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut s = Session::server(Arc::new(server)).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = Session::client(Arc::new(client), name).unwrap();
+        let mut plain = Vec::new();
+        for _ in 0..10 {
+            if let Some(wire) = c.take_output() {
+                s.decrypt(&wire, &mut plain).unwrap();
+            }
+            if let Some(wire) = s.take_output() {
+                c.decrypt(&wire, &mut plain).unwrap();
+            }
+        }
+        assert!(!s.is_handshaking() && !c.is_handshaking());
+        assert!(plain.is_empty());
+        (s, c)
+    }
+
+    #[test]
+    fn records_before_a_bad_one_in_the_same_read_are_delivered() {
+        let (mut s, mut c) = pair();
+        c.encrypt(&[IoSlice::new(b"hello")]);
+        let mut wire = c.take_output().unwrap().to_vec();
+        wire.extend_from_slice(&[99, 3, 3, 0, 2, 0, 0]);
+        let mut plain = Vec::new();
+        let got = s.decrypt(&wire, &mut plain);
+        assert!(matches!(got, Err(TlsError::Protocol(_))), "{got:?}");
+        assert_eq!(plain, b"hello");
+        // Failed: nothing more is read.
+        c.encrypt(&[IoSlice::new(b"more")]);
+        s.decrypt(&c.take_output().unwrap(), &mut plain).unwrap();
+        assert_eq!(plain, b"hello");
+    }
+
+    #[test]
+    fn bytes_after_close_notify_are_not_judged() {
+        let (mut s, mut c) = pair();
+        c.encrypt(&[IoSlice::new(b"bye")]);
+        c.close_notify();
+        let mut wire = c.take_output().unwrap().to_vec();
+        wire.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let mut plain = Vec::new();
+        s.decrypt(&wire, &mut plain).unwrap();
+        assert_eq!(plain, b"bye");
+        assert!(s.peer_closed());
+        assert_eq!(s.eof(), Ok(()));
     }
 }
