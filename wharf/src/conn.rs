@@ -43,6 +43,9 @@ pub(crate) struct ConnCtl {
     pub(crate) abort: bool,
     /// The groups the connection is in.
     pub(crate) groups: Memberships,
+    /// The next bytes of the stream go into a file
+    /// (`Conn::receive_to_file`).
+    pub(crate) sink: Option<Box<crate::file::Sink>>,
 }
 
 /// A connection's jobs on the worker pool, by sequence number. Results
@@ -163,6 +166,7 @@ impl ConnCtl {
             write_shut: false,
             abort: false,
             groups: Memberships::default(),
+            sink: None,
         }
     }
 
@@ -187,6 +191,22 @@ impl ConnCtl {
         let n = self
             .out
             .push_shared(&mut self.writer, msg)
+            .map_err(too_large)?;
+        self.unsent += n;
+        Ok(n)
+    }
+
+    /// Queues a file's range unless refused; the bytes queued (the file's
+    /// among them).
+    pub(crate) fn send_file(
+        &mut self,
+        file: crate::FileRange,
+        high_water: usize,
+    ) -> Result<usize, SendError> {
+        self.admit(high_water)?;
+        let n = self
+            .out
+            .push_file(&mut self.writer, file)
             .map_err(too_large)?;
         self.unsent += n;
         Ok(n)
@@ -298,6 +318,50 @@ impl<S> Conn<'_, S> {
     pub fn send_bytes(&mut self, msg: Bytes) -> Result<(), SendError> {
         let n = self.ctl.send_shared(msg, self.high_water)?;
         self.counters.sent(n);
+        self.touch();
+        Ok(())
+    }
+
+    /// Sends a file's range, in order with the messages sent before and
+    /// after it: as one message's body (length-prefixed framing), or as
+    /// it is ([`FileRange::raw`](crate::FileRange::raw), raw framing). The
+    /// file is read only when its turn comes, and not through user space
+    /// where the backend can avoid it (`sendfile` on io_uring and poll;
+    /// TLS connections and IOCP read it a piece at a time). Its bytes
+    /// count against the high-water mark like any queued bytes, so a big
+    /// file holds further sends (and reading) until most of it is out;
+    /// the write-stall timeout applies to it. The file is closed when its
+    /// send ends, or the connection does.
+    ///
+    /// Refused like [`send`](Self::send), and with
+    /// [`SendError::TooLarge`] for a file larger than the frame maximum
+    /// (nothing of it is sent).
+    pub fn send_file(&mut self, file: crate::FileRange) -> Result<(), SendError> {
+        let n = self.ctl.send_file(file, self.high_water)?;
+        self.counters.sent(n);
+        self.touch();
+        Ok(())
+    }
+
+    /// Directs the next `len` bytes of the stream into `file` (written at
+    /// its cursor) instead of the framing: the bytes right after the
+    /// message being handled, when called from `on_message`. When they are
+    /// all there, [`Handler::on_file_received`](crate::Handler::on_file_received)
+    /// gets the count, and framing resumes with the byte after them. It
+    /// gets an error instead if a write failed (disk full: the rest of the
+    /// `len` bytes are passed over, so framing still resumes in step), or
+    /// the stream ended or the connection closed first (`UnexpectedEof`).
+    ///
+    /// The bytes are written from the loop's receive buffers, not spliced:
+    /// they are copied once, as a message would be. Fails if a receive
+    /// into a file is already under way on this connection.
+    pub fn receive_to_file(&mut self, file: std::fs::File, len: u64) -> std::io::Result<()> {
+        if self.ctl.sink.is_some() {
+            return Err(std::io::Error::other(
+                "a receive into a file is already under way on this connection",
+            ));
+        }
+        self.ctl.sink = Some(Box::new(crate::file::Sink::new(file, len)));
         self.touch();
         Ok(())
     }

@@ -71,6 +71,32 @@ impl Handle {
         })
     }
 
+    /// Sends a file's range to connection `id`, as
+    /// [`Conn::send_file`](crate::Conn::send_file) does (in order with this
+    /// thread's other sends to it). Refused like [`send`](Self::send); a
+    /// file too large for the framing is refused here, before anything is
+    /// posted.
+    pub fn send_file(&self, id: ConnId, file: crate::FileRange) -> Result<(), SendError> {
+        let l = self.open_loop(id)?;
+        if l.live.state(id) == Some(true) {
+            return Err(SendError::Backpressure);
+        }
+        self.shared
+            .framing
+            .check_file(file.body_len(), file.raw)
+            .map_err(crate::conn::too_large)?;
+        // What is in memory is in transit; the file's bytes count once
+        // queued, as the loop's own queue.
+        let len = file.prefix.len();
+        if !l.live.post(id.slot(), len, self.shared.limits.high_water) {
+            return Err(SendError::Backpressure);
+        }
+        l.mailbox.post(Command::SendFile(id, file)).map_err(|_| {
+            l.live.unpost(id.slot(), len);
+            l.refusal()
+        })
+    }
+
     /// Waits up to `timeout` until connection `id` takes sends again (it is
     /// under its high-water mark and what other threads sent it has reached
     /// its loop): `Ok(true)`; `Ok(false)` if the time ran out. Fails like

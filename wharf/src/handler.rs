@@ -64,6 +64,14 @@ pub trait Handler: Send + Sync + 'static {
         let _ = tick;
     }
 
+    /// The bytes [`Conn::receive_to_file`](crate::Conn::receive_to_file)
+    /// asked for have all been written (their count), or the receive
+    /// failed: a write failed, or the stream ended (or the connection
+    /// closed) first. Framing has resumed after them.
+    fn on_file_received(&self, conn: &mut Conn<'_, Self::State>, result: std::io::Result<u64>) {
+        let _ = (conn, result);
+    }
+
     /// The connection closed; called once for every connection `on_open`
     /// kept. Sends from here fail with `Closed`.
     fn on_close(&self, conn: &mut Conn<'_, Self::State>, reason: CloseReason) {

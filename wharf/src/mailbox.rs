@@ -36,6 +36,8 @@ use crate::sys::Socket;
 pub(crate) enum Command {
     /// Send one message (the body; the loop adds the header).
     Send(ConnId, Bytes),
+    /// Send a file's range (`Handle::send_file`).
+    SendFile(ConnId, crate::FileRange),
     /// Send bytes already in wire form to every open connection.
     Broadcast(Bytes),
     /// Send bytes already in wire form to the loop's members of a group.

@@ -99,6 +99,27 @@ impl Framing {
         }
     }
 
+    /// Whether a file's range of `len` bytes (with its prefix) can go out
+    /// as one message of this framing, or raw (`raw`): checked before a
+    /// file is queued, so that nothing of a refused one goes out.
+    pub(crate) fn check_file(&self, len: u64, raw: bool) -> Result<(), FrameError> {
+        if raw {
+            return Ok(());
+        }
+        match self {
+            Framing::LengthPrefixed(lp) => {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                lp.header(len).map(drop)
+            }
+            Framing::Raw => Ok(()),
+            Framing::Lines(_) | Framing::Custom(_) => Err(FrameError::Invalid(
+                "a file goes out as a message only with length-prefixed or raw framing: \
+                 send it with FileRange::raw"
+                    .into(),
+            )),
+        }
+    }
+
     /// A fresh decoding state, one per connection.
     pub(crate) fn reader(&self) -> FrameReader {
         let codec = match self {

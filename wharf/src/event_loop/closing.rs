@@ -43,6 +43,16 @@ impl<H: Handler> Core<H> {
             }
             return self.start_closing(key, flush, peer_done);
         }
+        if self.conns[key as usize].ctl.sink.is_some() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the connection closed ({}) before the bytes asked for came",
+                    reason.label()
+                ),
+            );
+            self.finish_sink(key, Some(e));
+        }
         self.shared().live.set_closed(key);
         self.counters.count_close(reason.kind());
         self.conns[key as usize].ctl.open = false;
@@ -165,8 +175,7 @@ impl<H: Handler> Core<H> {
         self.counters.bytes_dropped += slot.ctl.unsent as u64;
         slot.ctl.unsent = 0;
         if let Some(mut batch) = slot.io.leftover.take() {
-            batch.bufs.clear();
-            batch.offset = 0;
+            batch.clear();
             self.spare_batches.push(batch);
         }
     }
@@ -191,6 +200,12 @@ impl<H: Handler> Core<H> {
                 peer_done,
             } => {
                 self.start_send(driver, key);
+                if !matches!(
+                    self.conns[key as usize].phase,
+                    Phase::Closing(Closing::Flushing { .. })
+                ) {
+                    return; // the send failed at once (a file could not be read)
+                }
                 let slot = &mut self.conns[key as usize];
                 let flushed =
                     !slot.io.sending && slot.ctl.out.is_empty() && slot.io.leftover.is_none();
@@ -237,8 +252,7 @@ impl<H: Handler> Core<H> {
         let ip = (!slot.outbound).then(|| slot.peer.ip());
         self.handle.shared.release(ip);
         if let Some(mut batch) = slot.io.leftover {
-            batch.bufs.clear();
-            batch.offset = 0;
+            batch.clear();
             self.spare_batches.push(batch);
         }
         // Dropping `slot.socket` closes the descriptor.

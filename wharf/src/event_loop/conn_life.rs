@@ -389,6 +389,32 @@ impl<H: Handler> Core<H> {
         let id = self.id_of(key);
         let high = self.limits.high_water;
         let jobs_limit = self.limits.jobs_per_connection;
+        let mut data = data;
+        // Bytes a receive into a file asked for go there first.
+        while let Some(sink) = self.conns[key as usize].ctl.sink.as_deref_mut() {
+            let n = sink.take(data);
+            data = &data[n..];
+            if sink.left > 0 {
+                return; // every byte went to the file
+            }
+            self.finish_sink(key, None);
+            let slot = &mut self.conns[key as usize];
+            let Phase::Open(open) = &mut slot.phase else {
+                return;
+            };
+            if slot.ctl.close_request.is_some() {
+                return; // what follows is never read as messages
+            }
+            let jobs_full = slot.ctl.jobs.in_flight() >= jobs_limit;
+            if open.congested || slot.ctl.read_paused || slot.ctl.unsent > high || jobs_full {
+                // The callback filled the queue or paused: hold the rest.
+                open.held.extend_from_slice(data);
+                return;
+            }
+        }
+        if data.is_empty() {
+            return;
+        }
         let slot = &mut self.conns[key as usize];
         let Phase::Open(open) = &mut slot.phase else {
             return;
@@ -425,6 +451,7 @@ impl<H: Handler> Core<H> {
                 || conn.ctl.read_paused
                 || conn.ctl.unsent > high
                 || conn.ctl.jobs.in_flight() >= jobs_limit
+                || conn.ctl.sink.is_some()
             {
                 ControlFlow::Break(())
             } else {
@@ -449,6 +476,25 @@ impl<H: Handler> Core<H> {
             // Replies to the good messages before the bad one still go out;
             // the rest of the peer's bytes are never read as messages.
             self.close(key, reason, true);
+        }
+        self.touch(key);
+    }
+
+    /// A receive into a file ended: all its bytes came (`ended` is
+    /// `None`), or the stream ended or the connection closed first.
+    /// `on_file_received` hears of it.
+    pub(super) fn finish_sink(&mut self, key: u32, ended: Option<std::io::Error>) {
+        let Some(sink) = self.conns[key as usize].ctl.sink.take() else {
+            return;
+        };
+        let result = sink.result(ended);
+        let id = self.id_of(key);
+        let handler = self.handler.clone();
+        if let Err(why) = self.with_conn(key, |conn| {
+            contain(|| handler.on_file_received(conn, result))
+        }) {
+            self.panicked("on_file_received", &id, &why);
+            self.conns[key as usize].ctl.close_request = Some(CloseReason::HandlerPanic);
         }
         self.touch(key);
     }
@@ -534,8 +580,7 @@ impl<H: Handler> Core<H> {
                 }
             }
             Err(e) => {
-                batch.bufs.clear();
-                batch.offset = 0;
+                batch.clear();
                 self.spare_batches.push(batch);
                 self.send_failed(key, e);
             }
@@ -652,6 +697,23 @@ impl<H: Handler> Core<H> {
                 return;
             }
         }
+        let slot = &self.conns[key as usize];
+        if let (Some(sink), Phase::Open(open)) = (&slot.ctl.sink, &slot.phase) {
+            // Asked for nothing, or the stream ended short of it.
+            let short = open.eof && open.held.is_empty();
+            if sink.left == 0 || short {
+                let e = short.then(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the stream ended before the bytes asked for",
+                    )
+                });
+                self.finish_sink(key, e);
+                if let Some(reason) = self.conns[key as usize].ctl.close_request.take() {
+                    return self.close_as_asked(key, reason);
+                }
+            }
+        }
         let slot = &mut self.conns[key as usize];
         let Phase::Open(open) = &mut slot.phase else {
             return;
@@ -672,6 +734,9 @@ impl<H: Handler> Core<H> {
         let paused = open.congested || slot.ctl.read_paused || jobs_full || self.shutdown.is_some();
         let eof = open.eof;
         self.start_send(driver, key);
+        if !matches!(self.conns[key as usize].phase, Phase::Open(_)) {
+            return; // the send failed at once (a file could not be read)
+        }
         let slot = &mut self.conns[key as usize];
         let flushed = !slot.io.sending && slot.ctl.out.is_empty() && slot.io.leftover.is_none();
         if slot.ctl.shut_write && !slot.ctl.write_shut && flushed {
@@ -711,18 +776,26 @@ impl<H: Handler> Core<H> {
             .take()
             .or_else(|| self.spare_batches.pop())
             .unwrap_or_default();
-        if slot.tls.is_some() {
-            self.fill_tls(key, &mut batch);
-            let slot = &mut self.conns[key as usize];
-            if batch.is_empty() {
-                // Handshaking, with plaintext waiting for it to finish.
-                self.spare_batches.push(batch);
-                return;
-            }
-            slot.io.sending = true;
-            return driver.send(key, &slot.socket, batch);
+        let filled = if slot.tls.is_some() {
+            self.fill_tls(key, &mut batch)
+        } else {
+            slot.ctl.out.fill(&mut batch, driver.sends_files())
+        };
+        if let Err(e) = filled {
+            // A file being sent could not be read (it shrank, or the read
+            // failed): the message it began cannot be completed, so the
+            // connection fails as on a send error.
+            tracing::debug!(conn = %self.id_of(key), error = %e, "reading a file to send failed");
+            batch.clear();
+            self.spare_batches.push(batch);
+            return self.send_failed(key, e);
         }
-        slot.ctl.out.fill(&mut batch);
+        let slot = &mut self.conns[key as usize];
+        if batch.is_empty() {
+            // Handshaking, with plaintext waiting for it to finish.
+            self.spare_batches.push(batch);
+            return;
+        }
         slot.io.sending = true;
         driver.send(key, &slot.socket, batch);
     }
@@ -733,16 +806,16 @@ impl<H: Handler> Core<H> {
     /// its sending, and adds the ciphertext to `batch`. `unsent` and the
     /// queued-bytes counter count what goes on the wire: the plaintext
     /// taken out is replaced by its ciphertext.
-    fn fill_tls(&mut self, key: u32, batch: &mut SendBatch) {
+    fn fill_tls(&mut self, key: u32, batch: &mut SendBatch) -> std::io::Result<()> {
         let slot = &mut self.conns[key as usize];
         let Some(tls) = slot.tls.as_deref_mut() else {
-            return;
+            return Ok(());
         };
         let mut taken = 0;
         if tls.can_encrypt() {
             let chunks = &mut self.tls_chunks;
             while taken < TLS_BATCH && chunks.len() < 64 {
-                match slot.ctl.out.pop_upto(TLS_BATCH - taken) {
+                match slot.ctl.out.pop_upto(TLS_BATCH - taken)? {
                     Some(chunk) => {
                         taken += chunk.len();
                         chunks.push(chunk);
@@ -775,5 +848,6 @@ impl<H: Handler> Core<H> {
             slot.ctl.unsent -= taken;
             self.counters.bytes_dropped += taken as u64;
         }
+        Ok(())
     }
 }

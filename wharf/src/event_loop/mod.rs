@@ -383,6 +383,23 @@ impl<H: Handler> Core<H> {
                     }
                 }
             }
+            Command::SendFile(id, file) => {
+                // As `Send`: admitted by `Handle::send_file` (its prefix
+                // is what was in transit).
+                self.shared().live.unpost(id.slot(), file.prefix.len());
+                if let Some(key) = self.lookup(id) {
+                    let slot = &mut self.conns[key as usize];
+                    match slot.ctl.send_file(file, usize::MAX) {
+                        Ok(n) => {
+                            self.counters.sent(n);
+                            self.touch(key);
+                        }
+                        Err(e) => {
+                            tracing::debug!(conn = %id, error = %e, "a file send from another thread failed")
+                        }
+                    }
+                }
+            }
             Command::Broadcast(wire) => self.broadcast(wire),
             Command::Publish(group, wire) => self.publish_to(&group, &wire, None),
             Command::Join(id, group) => self.join(id, group),
@@ -693,6 +710,7 @@ impl<H: Handler> Core<H> {
                     retry_in: None,
                 }),
                 Command::Send(id, msg) => shared.live.unpost(id.slot(), msg.len()),
+                Command::SendFile(id, file) => shared.live.unpost(id.slot(), file.prefix.len()),
                 Command::Adopt(..) => self.counters.refused_shutdown += 1,
                 Command::JobDone(_) => self.counters.jobs_discarded += 1,
                 // Counted in the registry when posted: uncount it.

@@ -174,6 +174,10 @@ pub(crate) struct SendBatch {
     pub(crate) bufs: Vec<bytes::Bytes>,
     /// Bytes of `bufs[0]` already written.
     pub(crate) offset: usize,
+    /// A range of a file to send instead of buffers (`bufs` is then
+    /// empty), on a backend that sends files itself
+    /// ([`Driver::sends_files`]); what is left of it.
+    pub(crate) file: Option<crate::file::FileChunk>,
     /// Backend scratch space (iovecs, message header) that must live as long
     /// as the send.
     pub(crate) os: SendScratch,
@@ -182,6 +186,14 @@ pub(crate) struct SendBatch {
 impl SendBatch {
     /// Drops `n` written bytes from the front.
     pub(crate) fn advance(&mut self, mut n: usize) {
+        if let Some(file) = &mut self.file {
+            debug_assert!(self.bufs.is_empty(), "a file is sent alone");
+            file.advance(n as u64);
+            if file.len == 0 {
+                self.file = None;
+            }
+            return;
+        }
         let mut done = 0;
         for buf in &self.bufs {
             let left = buf.len() - self.offset;
@@ -196,9 +208,17 @@ impl SendBatch {
         self.bufs.drain(..done);
     }
 
+    /// Drops what is left (a failed or cancelled send), file and all,
+    /// for the batch to be reused.
+    pub(crate) fn clear(&mut self) {
+        self.bufs.clear();
+        self.offset = 0;
+        self.file = None;
+    }
+
     /// Whether every byte has been written.
     pub(crate) fn is_empty(&self) -> bool {
-        self.bufs.is_empty()
+        self.bufs.is_empty() && self.file.is_none()
     }
 }
 
@@ -313,6 +333,22 @@ impl Driver {
             Driver::Iocp(d) => d.recv(slot, socket),
             #[cfg(all(unix, any(test, fuzzing)))]
             Driver::Fake(d) => d.recv(slot, socket),
+        }
+    }
+
+    /// Whether `send` takes a batch holding a file (sent without copying
+    /// it through user space); otherwise the loop reads files and sends
+    /// their bytes.
+    pub(crate) fn sends_files(&self) -> bool {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(_) => true,
+            #[cfg(unix)]
+            Driver::Poll(_) => cfg!(any(target_os = "linux", target_os = "macos")),
+            #[cfg(windows)]
+            Driver::Iocp(_) => false,
+            #[cfg(all(unix, any(test, fuzzing)))]
+            Driver::Fake(_) => false,
         }
     }
 

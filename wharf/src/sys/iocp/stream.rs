@@ -278,7 +278,10 @@ impl Driver {
                 return;
             }
         };
-        let SendBatch { bufs, offset, os } = &mut *batch;
+        debug_assert!(batch.file.is_none(), "IOCP files are read by the loop");
+        let SendBatch {
+            bufs, offset, os, ..
+        } = &mut *batch;
         os.bufs.clear();
         let mut total = 0;
         for (i, buf) in bufs.iter().take(MAX_BUFS).enumerate() {

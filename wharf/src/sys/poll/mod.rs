@@ -492,6 +492,9 @@ impl Driver {
 
 /// Writes as much of `batch` as the socket takes, in one call.
 fn write_batch(socket: &Socket, batch: &SendBatch) -> io::Result<usize> {
+    if let Some(file) = &batch.file {
+        return super::unix::send_file(socket, file);
+    }
     let mut iov = [IoSlice::new(&[]); MAX_IOV];
     let mut n = 0;
     for (i, buf) in batch.bufs.iter().take(MAX_IOV).enumerate() {

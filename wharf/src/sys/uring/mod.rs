@@ -31,6 +31,8 @@ const SEND: u64 = 3;
 const CONNECT: u64 = 4;
 const CANCEL: u64 = 5;
 const WAKE: u64 = 6;
+/// A file send waiting for its socket to take more (then `sendfile`).
+const SEND_FILE: u64 = 7;
 
 fn tag(kind: u64, id: u32) -> u64 {
     kind << 56 | id as u64
@@ -103,6 +105,8 @@ pub(crate) struct Driver {
     /// The batch of each slot's send in flight (indexed by slot): the
     /// kernel reads its buffers, iovecs and header until the completion.
     sending: Vec<Option<Box<SendBatch>>>,
+    /// The socket of each file send waiting to be writable.
+    file_sockets: HashMap<u32, RawFd>,
 }
 
 impl Driver {
@@ -143,6 +147,7 @@ impl Driver {
             stopping: false,
             connecting: HashMap::new(),
             sending: Vec::new(),
+            file_sockets: HashMap::new(),
         };
         driver.arm_waker();
         Ok(driver)
@@ -186,7 +191,12 @@ impl Driver {
     }
 
     pub(crate) fn send(&mut self, slot: u32, socket: &Socket, mut batch: Box<SendBatch>) {
-        let SendBatch { bufs, offset, os } = &mut *batch;
+        if batch.file.is_some() {
+            return self.send_file(slot, socket, batch);
+        }
+        let SendBatch {
+            bufs, offset, os, ..
+        } = &mut *batch;
         os.iov.clear();
         for (i, buf) in bufs.iter().take(MAX_IOV).enumerate() {
             let skip = if i == 0 { *offset } else { 0 };
@@ -211,6 +221,36 @@ impl Driver {
         }
         debug_assert!(self.sending[i].is_none(), "a second send on one slot");
         self.sending[i] = Some(batch);
+        self.in_flight += 1;
+    }
+
+    /// A file send: wait until the socket takes more, then `sendfile` from
+    /// the loop (no io_uring operation sends a file in one go; a splice
+    /// through a pipe would be two, and the file half runs on a worker
+    /// thread). The socket is made non-blocking for it, once: io_uring's
+    /// own operations on it still wait for readiness themselves.
+    fn send_file(&mut self, slot: u32, socket: &Socket, batch: Box<SendBatch>) {
+        if let Err(e) = socket.set_nonblocking(true) {
+            // Never sendfile on a blocking socket: it would stall the loop.
+            tracing::debug!(error = %e, "making a socket non-blocking failed");
+        }
+        let fd = socket.as_raw_fd();
+        self.poll_writable(slot, fd);
+        let i = slot as usize;
+        if self.sending.len() <= i {
+            self.sending.resize_with(i + 1, || None);
+        }
+        debug_assert!(self.sending[i].is_none(), "a second send on one slot");
+        self.sending[i] = Some(batch);
+        self.file_sockets.insert(slot, fd);
+    }
+
+    fn poll_writable(&mut self, slot: u32, fd: RawFd) {
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(tag(SEND_FILE, slot));
+        // SAFETY: a poll carries no pointers.
+        unsafe { self.push(entry) };
         self.in_flight += 1;
     }
 
@@ -401,6 +441,31 @@ impl Driver {
                     result,
                 });
             }
+            SEND_FILE => {
+                let fd = self.file_sockets[&id];
+                let result = if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    let batch = self.sending[id as usize]
+                        .as_ref()
+                        .expect("a file send completion names a send in flight");
+                    let file = batch.file.as_ref().expect("a file send has its file");
+                    match super::unix::send_file(&fd, file) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // Taken by someone else's wake-up: wait again.
+                            return self.poll_writable(id, fd);
+                        }
+                        other => other,
+                    }
+                };
+                self.file_sockets.remove(&id);
+                let batch = self.sending[id as usize].take().expect("checked above");
+                f(Event::Sent {
+                    slot: id,
+                    batch,
+                    result,
+                });
+            }
             CONNECT => {
                 self.connecting.remove(&id);
                 let result = if res >= 0 {
@@ -535,6 +600,7 @@ pub(crate) fn probe() -> io::Result<()> {
         (opcode::Connect::CODE, "connect"),
         (opcode::AsyncCancel2::CODE, "async_cancel"),
         (opcode::Read::CODE, "read"),
+        (opcode::PollAdd::CODE, "poll_add"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
