@@ -3,5 +3,6 @@
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
+pub mod files;
 pub mod load;
 pub mod peers;

@@ -5,6 +5,7 @@ mod chat;
 mod echo;
 mod kv;
 mod serve;
+mod serve_files;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -30,6 +31,11 @@ enum Command {
     /// Serve a Redis-protocol key-value store (RESP2: redis-cli and
     /// redis-benchmark talk to it).
     Kv(kv::Args),
+    /// Serve the files under a directory (a request names a path under
+    /// it; the answer is the file).
+    Files(serve_files::FilesArgs),
+    /// Fetch files from a `wharf files` server.
+    Fetch(serve_files::FetchArgs),
     /// Drive an echo server with load and check every echoed byte.
     Load(wharf_cli::load::Args),
     /// Benchmark wharf against peer servers (tokio, std, monoio, raw
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
         Command::Echo(args) => echo::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Kv(args) => kv::run(args),
+        Command::Files(args) => serve_files::serve_files(args),
+        Command::Fetch(args) => serve_files::fetch(args),
         Command::Load(args) => wharf_cli::load::cli(args),
         Command::Bench(args) => wharf_cli::bench::cli(args),
         Command::Peer(args) => wharf_cli::peers::cli(args),
