@@ -66,6 +66,15 @@ pub struct Args {
     /// handshakes per second), into tls.json.
     #[arg(long, conflicts_with = "kv")]
     tls: bool,
+    /// Instead of the echo scenarios: one big file over loopback from
+    /// wharf's file server (io_uring and poll) and a tokio copying server,
+    /// next to iperf3's line rate (MB/s, sender CPU per GiB), into
+    /// files.json.
+    #[arg(long, conflicts_with_all = ["kv", "tls"])]
+    files: bool,
+    /// The size of --files's file, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024, requires = "files")]
+    file_mib: u64,
 }
 
 impl Args {
@@ -197,6 +206,28 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
             out.join("kv.json").display(),
             out.join("kv.svg").display()
         );
+        return Ok(());
+    }
+    if args.files {
+        let rounds = args.rounds.unwrap_or(5);
+        if rounds == 0 {
+            return Err("--rounds must be at least 1".into());
+        }
+        if args.file_mib == 0 {
+            return Err("--file-mib must be at least 1".into());
+        }
+        eprintln!(
+            "wharf bench --files: {rounds} rounds of a {} MiB file; results in {}",
+            args.file_mib,
+            out.display()
+        );
+        let size = args.file_mib << 20;
+        let results = super::files::run(&exe, rounds, size, !args.no_pin, &out)?;
+        println!("{}", super::files::table(&results));
+        let path = out.join("files.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
         return Ok(());
     }
     if args.tls {

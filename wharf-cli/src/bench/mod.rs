@@ -18,6 +18,7 @@ mod chart;
 mod child;
 mod crossnode;
 mod fanout;
+pub mod files;
 pub mod kv;
 pub(crate) mod os;
 mod results;

@@ -174,6 +174,11 @@ pub struct Args {
     /// The key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Serve the files under this directory (the protocol of `wharf
+    /// files`) instead of echoing: wharf's servers with `send_file`,
+    /// tokio-framed by reading and writing with a buffer.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["broadcast", "group", "tls_cert"])]
+    files_root: Option<std::path::PathBuf>,
 }
 
 /// What a server does with a message.
@@ -224,6 +229,18 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
         let _ = out.flush();
         std::thread::spawn(exit_when_stdin_closes);
     };
+    if let Some(root) = &args.files_root {
+        return match args.kind {
+            ServerKind::WharfUring | ServerKind::WharfPoll => {
+                let server = wharf_echo::start_files(args.kind, args.addr, root)?;
+                ready(server.local_addr());
+                exit_when_stdin_closes();
+                Ok(())
+            }
+            ServerKind::TokioFramed => tokio_echo::serve_files(listen(args.addr)?, root, ready),
+            other => Err(format!("{} has no --files-root", other.name()).into()),
+        };
+    }
     match args.kind {
         ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics => {
             let server =

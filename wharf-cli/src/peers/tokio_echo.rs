@@ -162,3 +162,86 @@ fn fan_out(peers: &Peers, msg: Bytes) {
     let mut peers = peers.lock().unwrap_or_else(|p| p.into_inner());
     peers.retain(|tx| tx.send(msg.clone()).is_ok());
 }
+
+/// The tokio peer of `wharf files`: the same protocol and the same checks
+/// of the path, the file read with `tokio::fs` into a 256 KiB buffer and
+/// written to the socket (a current-thread runtime; `tokio::fs` reads on
+/// its blocking pool, as any tokio program's file reads do).
+pub(super) fn serve_files(
+    listener: TcpListener,
+    root: &std::path::Path,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), Box<dyn Error>> {
+    let root = std::sync::Arc::new(root.canonicalize()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .max_blocking_threads(1)
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        ready(addr);
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            tokio::spawn(serve_files_on(stream, root.clone()));
+        }
+    })
+}
+
+async fn serve_files_on(mut s: tokio::net::TcpStream, root: std::sync::Arc<std::path::PathBuf>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let mut header = [0u8; 4];
+        if s.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        if len > crate::files::MAX_REQUEST {
+            return;
+        }
+        let mut request = vec![0u8; len];
+        if s.read_exact(&mut request).await.is_err() {
+            return;
+        }
+        let found = match crate::files::resolve(&root, &request) {
+            Ok(path) => tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(why) => Err(why.to_string()),
+        };
+        let sent = match found {
+            Ok(mut file) => {
+                let size = match file.metadata().await {
+                    Ok(m) => m.len(),
+                    Err(_) => return,
+                };
+                let mut head = ((size + 1) as u32).to_be_bytes().to_vec();
+                head.push(crate::files::FOUND);
+                let mut result = s.write_all(&head).await;
+                let mut left = size;
+                while result.is_ok() && left > 0 {
+                    match file.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            left = left.saturating_sub(n as u64);
+                            result = s.write_all(&buf[..n]).await;
+                        }
+                    }
+                }
+                result
+            }
+            Err(why) => {
+                let mut msg = ((why.len() + 1) as u32).to_be_bytes().to_vec();
+                msg.push(crate::files::REFUSED);
+                msg.extend_from_slice(why.as_bytes());
+                s.write_all(&msg).await
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}

@@ -99,3 +99,30 @@ pub(super) fn scraped_endpoint(server: &Server) -> io::Result<wharf::metrics::En
     });
     Ok(endpoint)
 }
+
+/// wharf's file server (`wharf files`) on one loop of `kind`'s backend.
+pub(super) fn start_files(
+    kind: ServerKind,
+    addr: SocketAddr,
+    root: &std::path::Path,
+) -> io::Result<Server> {
+    let backend = match kind {
+        ServerKind::WharfPoll => Backend::Poll,
+        _ => Backend::Uring,
+    };
+    let handler = crate::files::FileServer::new(root)?;
+    let server = Server::builder()
+        .threads(1)
+        .workers(1)
+        .backend(backend)
+        .framing(crate::files::framing())
+        .bind(addr)?
+        .start(handler)?;
+    if server.backend() != backend {
+        let got = server.backend();
+        return Err(io::Error::other(format!(
+            "asked for {backend:?}, runs on {got:?} (is WHARF_BACKEND set?)"
+        )));
+    }
+    Ok(server)
+}
