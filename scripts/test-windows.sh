@@ -159,6 +159,7 @@ done
 # load generator connects with ConnectEx, and every echoed byte is checked.
 section "wharf.exe echo + wharf.exe load under Wine"
 roundtrip=ok
+: >"$work/echo.log" # (not an earlier run's, see the chat below)
 wine "$out/wharf.exe" echo --addr 127.0.0.1:0 --threads 2 --duration 20 \
     >"$work/echo.log" 2>&1 &
 server=$!
@@ -218,6 +219,9 @@ tr -d '\r' <"$work/echo.log" | grep -v '^conns ' || true
 # nicks, a room, a line said in it, a notice for an unknown command.
 section "wharf.exe chat --framing lines under Wine, nc-style clients"
 chat=ok
+# Emptied first: the redirection happens in the background child, and a
+# read before it would find no file.
+: >"$work/chat.log"
 wine "$out/wharf.exe" chat --framing lines --addr 127.0.0.1:0 --threads 2 --duration 30 \
     >"$work/chat.log" 2>&1 &
 server=$!

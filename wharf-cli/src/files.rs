@@ -286,6 +286,8 @@ pub fn fetch(
                     let mut s = TcpStream::connect(addr)
                         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
                     s.set_nodelay(true)?;
+                    // A server that stops sending fails the fetch, not hangs it.
+                    s.set_read_timeout(Some(Duration::from_secs(60)))?;
                     loop {
                         let Some(path) = next.lock().unwrap().next().cloned() else {
                             return Ok(());

@@ -374,10 +374,12 @@ fn accept_rates_hold_within_ten_percent_over_five_seconds() {
             p_seen <= p_flood.tried && g_seen <= g2.tried + g3.tried,
             "more seen than tried"
         );
-        assert!(
-            p_flood.tried > 2000 && g2.tried + g3.tried > 4000,
-            "the floods ran short"
-        );
+        if timing_bounds_apply("the floods' connect rates") {
+            assert!(
+                p_flood.tried > 2000 && g2.tried + g3.tried > 4000,
+                "the floods ran short"
+            );
+        }
         within_ten_percent(
             "per client, 100/s",
             per_ip.opened.load(Ordering::SeqCst) as u64,

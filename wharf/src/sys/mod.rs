@@ -346,7 +346,7 @@ impl Driver {
             #[cfg(unix)]
             Driver::Poll(_) => cfg!(any(target_os = "linux", target_os = "macos")),
             #[cfg(windows)]
-            Driver::Iocp(_) => false,
+            Driver::Iocp(_) => true,
             #[cfg(all(unix, any(test, fuzzing)))]
             Driver::Fake(_) => false,
         }

@@ -1,5 +1,6 @@
 //! One connection's operations: zero-byte receives followed by
-//! non-blocking reads, gathered `WSASend`s, `ConnectEx`, and cancelling.
+//! non-blocking reads, gathered `WSASend`s, `TransmitFile` for a file's
+//! range, `ConnectEx`, and cancelling.
 
 use std::cell::UnsafeCell;
 use std::io;
@@ -9,7 +10,7 @@ use socket2::SockAddr;
 use windows_sys::core::GUID;
 use windows_sys::Win32::Foundation::{ERROR_INVALID_PARAMETER, ERROR_IO_PENDING, HANDLE};
 use windows_sys::Win32::Networking::WinSock::{
-    recv, setsockopt, WSAIoctl, WSARecv, WSASend, LPFN_CONNECTEX,
+    recv, setsockopt, TransmitFile, WSAIoctl, WSARecv, WSASend, LPFN_CONNECTEX,
     SIO_GET_EXTENSION_FUNCTION_POINTER, SOCKET, SOL_SOCKET, SO_UPDATE_CONNECT_CONTEXT, WSABUF,
     WSAEWOULDBLOCK, WSAID_CONNECTEX, WSA_IO_PENDING, WSA_OPERATION_ABORTED,
 };
@@ -24,7 +25,8 @@ use crate::sys::{Event, Flow, RecvEnd, SendBatch};
 const READS_PER_TURN: usize = 16;
 /// Most buffers gathered into one `WSASend`.
 const MAX_BUFS: usize = 64;
-/// Most bytes in one `WSASend` (its byte count is 32 bits).
+/// Most bytes in one `WSASend` (its byte count is 32 bits), or in one
+/// `TransmitFile` (at most 2^31 - 2).
 const MAX_SEND: usize = 1 << 30;
 
 /// The target of a zero-byte receive. Nothing is ever written to it (its
@@ -278,7 +280,9 @@ impl Driver {
                 return;
             }
         };
-        debug_assert!(batch.file.is_none(), "IOCP files are read by the loop");
+        if batch.file.is_some() {
+            return self.transmit_file(slot, batch);
+        }
         let SendBatch {
             bufs, offset, os, ..
         } = &mut *batch;
@@ -324,6 +328,45 @@ impl Driver {
         io.batch = Some(batch);
     }
 
+    /// Sends (part of) the batch's file range with `TransmitFile`: the
+    /// kernel reads the file and writes the socket, nothing passes
+    /// through this process. The completion is the send's.
+    fn transmit_file(&mut self, slot: u32, batch: Box<SendBatch>) {
+        use std::os::windows::io::AsRawHandle;
+        let io = &mut self.slots[slot as usize];
+        let file = batch.file.as_ref().expect("checked by send");
+        let len = file.len.min(MAX_SEND as u64) as u32;
+        let (overlapped, _) = io.send.start(io.socket, slot);
+        // SAFETY: `start` readied the OVERLAPPED and it is not posted yet:
+        // nothing else reads or writes it. The union's offset pair is where
+        // TransmitFile starts reading the file.
+        unsafe {
+            let at = &mut (*overlapped).Anonymous.Anonymous;
+            at.Offset = file.offset as u32;
+            at.OffsetHigh = (file.offset >> 32) as u32;
+        }
+        let handle = file.file.as_raw_handle() as HANDLE;
+        // The box (holding the file open) stays in the slot until the
+        // completion; a driver dropped first leaks it.
+        // SAFETY: the socket and the file stay open until the completion;
+        // the slot's OVERLAPPED outlives the call; no header or trailer
+        // buffers.
+        let ok =
+            unsafe { TransmitFile(io.socket, handle, len, 0, overlapped, std::ptr::null(), 0) };
+        if ok == 0 {
+            let e = last_wsa_error();
+            if e.raw_os_error() != Some(WSA_IO_PENDING)
+                && e.raw_os_error() != Some(ERROR_IO_PENDING as i32)
+            {
+                io.send.failed();
+                self.done.push_back(Done::Sent(slot, batch, e));
+                return;
+            }
+        }
+        io.send.posted();
+        io.batch = Some(batch);
+    }
+
     pub(super) fn send_completed(
         &mut self,
         slot: u32,
@@ -331,8 +374,19 @@ impl Driver {
         f: &mut impl FnMut(Event<'_>) -> Flow,
     ) {
         let io = &mut self.slots[slot as usize];
-        let result = io.send.complete(entry);
+        let mut result = io.send.complete(entry);
         let batch = io.batch.take().expect("a send completion names its batch");
+        if let Some(file) = &batch.file {
+            // TransmitFile stops quietly at the end of a file that shrank
+            // (nothing sent, or an error of its own): say so.
+            let short = file
+                .file
+                .metadata()
+                .is_ok_and(|m| m.len() < file.offset + file.len);
+            if short && !matches!(result, Ok(n) if n > 0) {
+                result = Err(crate::file::shrunk());
+            }
+        }
         self.in_flight -= 1;
         self.settle(slot);
         f(Event::Sent {
