@@ -10,8 +10,8 @@
 //! The server sends each file with `Conn::send_file` (no copy through user
 //! space where the backend allows), raw with its own header: requests are
 //! held to [`MAX_REQUEST`] bytes while an answer may be as large as the
-//! header can say (4 GiB - 2). Paths are resolved on the worker pool (the
-//! file system may block), in order per connection.
+//! header can say (a file just under 4 GiB). Paths are resolved on the
+//! worker pool (the file system may block), in order per connection.
 
 use std::error::Error;
 use std::fs::File;
@@ -330,4 +330,36 @@ pub fn fetch(
         refused: refused.into_inner().unwrap(),
         elapsed: start.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_judged_by_their_words_before_the_file_system() {
+        let root = std::env::temp_dir().join(format!("wharf-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"x").unwrap();
+        let root = root.canonicalize().unwrap();
+        let r = |p: &[u8]| resolve(&root, p);
+        assert_eq!(r(b"d/f"), Ok(root.join("d/f")));
+        assert_eq!(r(b"./d/./f"), Ok(root.join("d/f")));
+        assert_eq!(r(b"d//f"), Ok(root.join("d/f")));
+        assert_eq!(r(b"../x"), Err(Refusal::Parent));
+        assert_eq!(r(b"d/../d/f"), Err(Refusal::Parent), "no .. at all");
+        assert_eq!(r(b"/etc/passwd"), Err(Refusal::Absolute));
+        assert_eq!(r(b"\\server\\share"), Err(Refusal::Absolute));
+        assert_eq!(r(b"d/f\0"), Err(Refusal::Nul));
+        assert_eq!(r(b"\xc3\x28"), Err(Refusal::NotUtf8));
+        assert_eq!(r(b""), Err(Refusal::Empty));
+        assert_eq!(r(b"d"), Err(Refusal::NotAFile));
+        assert_eq!(r(b"d/missing"), Err(Refusal::NotAFile));
+        if cfg!(windows) {
+            assert_eq!(r(b"C:\\Windows\\win.ini"), Err(Refusal::Absolute));
+            assert_eq!(r(b"C:d\\f"), Err(Refusal::Absolute));
+            assert_eq!(r(b"d\\..\\..\\x"), Err(Refusal::Parent));
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -353,9 +353,17 @@ impl<S> Conn<'_, S> {
     /// the stream ended or the connection closed first (`UnexpectedEof`).
     ///
     /// The bytes are written from the loop's receive buffers, not spliced:
-    /// they are copied once, as a message would be. Fails if a receive
-    /// into a file is already under way on this connection.
+    /// they are copied once, as a message would be, by the loop's thread
+    /// (a write to a slow disk holds up the loop's other connections for
+    /// as long). Fails if a receive into a file is already under way on
+    /// this connection, or the connection is closing.
     pub fn receive_to_file(&mut self, file: std::fs::File, len: u64) -> std::io::Result<()> {
+        if !self.ctl.open || self.ctl.close_request.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the connection is closing",
+            ));
+        }
         if self.ctl.sink.is_some() {
             return Err(std::io::Error::other(
                 "a receive into a file is already under way on this connection",
