@@ -33,7 +33,7 @@ fn the_files_bench_measures_every_sender_against_iperf3() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("files.json")).unwrap()).unwrap();
     let cells = json["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 4, "three senders and iperf3");
+    assert_eq!(cells.len(), 6, "five senders and iperf3");
     for c in cells {
         assert!(c["mb_per_sec"].as_f64().unwrap() > 1.0, "{c}");
         if c["server"] != "iperf3" {
@@ -41,7 +41,14 @@ fn the_files_bench_measures_every_sender_against_iperf3() {
             assert!(c["cpu_per_gib"].as_f64().unwrap() >= 0.0, "{c}");
         }
     }
-    for server in ["wharf-uring", "wharf-poll", "tokio-copy", "iperf3"] {
+    for server in [
+        "wharf-uring",
+        "wharf-poll",
+        "wharf-uring-sendfile",
+        "wharf-poll-sendfile",
+        "tokio-copy",
+        "iperf3",
+    ] {
         assert!(
             table.lines().any(|l| l.trim_start().starts_with(server)),
             "{server} is missing from the table:\n{table}"

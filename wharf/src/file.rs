@@ -141,19 +141,62 @@ impl FileChunk {
     /// could not be completed.
     pub(crate) fn read_front(&mut self, max: usize) -> io::Result<Bytes> {
         let want = (self.len.min(max as u64)) as usize;
-        let mut buf = vec![0u8; want];
-        let mut got = 0;
-        while got < want {
-            match read_at(&self.file, &mut buf[got..], self.offset + got as u64) {
-                Ok(0) => return Err(shrunk()),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let buf = read_exact_at(&self.file, want, self.offset)?;
         self.advance(want as u64);
         Ok(Bytes::from(buf))
     }
+}
+
+/// Reads `want` bytes at `offset` into a new buffer, which is not zeroed
+/// first (the read fills it: zeroing would be one more pass over every
+/// byte sent).
+#[cfg(unix)]
+fn read_exact_at(file: &File, want: usize, offset: u64) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = Vec::<u8>::with_capacity(want);
+    while buf.len() < want {
+        let got = buf.len();
+        // SAFETY: `pread` writes at most `want - got` bytes at the end of
+        // what is filled, inside the capacity; no reference to the bytes
+        // not yet written is made. The descriptor is open (`file`).
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(got).cast(),
+                want - got,
+                (offset + got as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(shrunk()),
+            n if n > 0 => {
+                // SAFETY: the kernel wrote these `n` bytes just now.
+                unsafe { buf.set_len(got + n as usize) };
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, want: usize, offset: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; want];
+    let mut got = 0;
+    while got < want {
+        match read_at(file, &mut buf[got..], offset + got as u64) {
+            Ok(0) => return Err(shrunk()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
 }
 
 /// The error for a file that ended before its range did.
@@ -162,11 +205,6 @@ pub(crate) fn shrunk() -> io::Error {
         io::ErrorKind::UnexpectedEof,
         "the file ended before the range being sent",
     )
-}
-
-#[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    std::os::unix::fs::FileExt::read_at(file, buf, offset)
 }
 
 #[cfg(windows)]

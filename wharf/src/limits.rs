@@ -25,6 +25,9 @@ pub(crate) struct Limits {
     pub(crate) ipv6_prefix: u8,
     /// Jobs of one connection in flight at which its reading pauses.
     pub(crate) jobs_per_connection: u32,
+    /// Files go out without a copy through user space where the backend
+    /// can (`Builder::zero_copy_files`); `None`: except to loopback peers.
+    pub(crate) zero_copy_files: Option<bool>,
 }
 
 /// The address a client at `ip` is counted under by the per-IP cap, the
@@ -124,6 +127,7 @@ mod tests {
             max_connections_per_ip: per_ip,
             ipv6_prefix: 64,
             jobs_per_connection: 1,
+            zero_copy_files: None,
         }
     }
 

@@ -145,45 +145,50 @@ fn files_are_byte_exact_and_in_order_with_messages_both_ways() {
         .iter()
         .map(|&n| dir.file(&format!("f{n}"), n))
         .collect();
-    each_backend(|b| {
-        let h = Files::new(&dir.0);
-        let server = server(b, &h, 128 << 20);
-        let mut c = connect(server.local_addr());
-        // Requests pipelined with messages, written from another thread
-        // while this one reads: the server sends files while it receives.
-        let mut w = c.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            for (i, n) in sizes.iter().enumerate() {
-                write_frame(&mut w, format!("before {i}").as_bytes());
-                write_frame(&mut w, format!("file f{n}").as_bytes());
-                write_frame(&mut w, format!("after {i}").as_bytes());
+    // Without a copy where the backend can, and read and sent as bytes
+    // (the other tests force zero copy: by default a loopback peer, as
+    // here, gets copies).
+    for zero_copy in [true, false] {
+        each_backend(|b| {
+            let h = Files::new(&dir.0);
+            let server = server(b.zero_copy_files(zero_copy), &h, 128 << 20);
+            let mut c = connect(server.local_addr());
+            // Requests pipelined with messages, written from another thread
+            // while this one reads: the server sends files while it receives.
+            let mut w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                for (i, n) in sizes.iter().enumerate() {
+                    write_frame(&mut w, format!("before {i}").as_bytes());
+                    write_frame(&mut w, format!("file f{n}").as_bytes());
+                    write_frame(&mut w, format!("after {i}").as_bytes());
+                }
+                write_frame(
+                    &mut w,
+                    format!("range f{} 7 1000", 64 * 1024 + 1).as_bytes(),
+                );
+                write_frame(&mut w, b"end");
+            });
+            for (i, body) in files.iter().enumerate() {
+                assert_eq!(
+                    read_frame(&mut c).unwrap(),
+                    format!("before {i}").as_bytes()
+                );
+                let got = read_frame(&mut c).unwrap();
+                assert!(
+                    got == *body,
+                    "file of {} bytes: {} came back differing",
+                    body.len(),
+                    got.len()
+                );
+                assert_eq!(read_frame(&mut c).unwrap(), format!("after {i}").as_bytes());
             }
-            write_frame(
-                &mut w,
-                format!("range f{} 7 1000", 64 * 1024 + 1).as_bytes(),
-            );
-            write_frame(&mut w, b"end");
+            assert_eq!(read_frame(&mut c).unwrap(), files[2][7..1007]);
+            assert_eq!(read_frame(&mut c).unwrap(), b"end");
+            writer.join().unwrap();
+            assert!(h.results.lock().unwrap().iter().all(Result::is_ok));
+            server.shutdown(Duration::from_secs(5)).unwrap();
         });
-        for (i, body) in files.iter().enumerate() {
-            assert_eq!(
-                read_frame(&mut c).unwrap(),
-                format!("before {i}").as_bytes()
-            );
-            let got = read_frame(&mut c).unwrap();
-            assert!(
-                got == *body,
-                "file of {} bytes: {} came back differing",
-                body.len(),
-                got.len()
-            );
-            assert_eq!(read_frame(&mut c).unwrap(), format!("after {i}").as_bytes());
-        }
-        assert_eq!(read_frame(&mut c).unwrap(), files[2][7..1007]);
-        assert_eq!(read_frame(&mut c).unwrap(), b"end");
-        writer.join().unwrap();
-        assert!(h.results.lock().unwrap().iter().all(Result::is_ok));
-        server.shutdown(Duration::from_secs(5)).unwrap();
-    });
+    }
 }
 
 #[test]
@@ -193,7 +198,7 @@ fn raw_files_go_out_as_they_are_and_a_file_over_the_frame_maximum_is_refused() {
     let body = dir.file("f", 5000);
     each_backend(|b| {
         let h = Files::new(&dir.0);
-        let server = server(b, &h, 4096);
+        let server = server(b.zero_copy_files(true), &h, 4096);
         let mut c = connect(server.local_addr());
         write_frame(&mut c, b"file f");
         write_frame(&mut c, b"still here");
@@ -231,7 +236,7 @@ fn a_peer_that_stops_reading_mid_file_is_cut_off_with_memory_bounded() {
     dir.file("big", 100 << 20);
     each_backend(|b| {
         let h = Files::new(&dir.0);
-        let server = server(b, &h, 128 << 20);
+        let server = server(b.zero_copy_files(true), &h, 128 << 20);
         let before = rss_kib();
         let fds_before = fds();
         let mut c = connect(server.local_addr());
@@ -265,7 +270,7 @@ fn a_close_mid_file_stops_it_and_releases_the_file() {
     dir.file("big", 100 << 20);
     each_backend(|b| {
         let h = Files::new(&dir.0);
-        let server = server(b, &h, 128 << 20);
+        let server = server(b.zero_copy_files(true), &h, 128 << 20);
         let fds_before = fds();
         // The peer leaves mid-file.
         let mut c = connect(server.local_addr());
@@ -303,7 +308,7 @@ fn a_file_that_shrinks_before_its_turn_closes_the_connection() {
     dir.file("f", 1 << 20);
     each_backend(|b| {
         let h = Files::new(&dir.0);
-        let server = server(b, &h, 4 << 20);
+        let server = server(b.zero_copy_files(true), &h, 4 << 20);
         let mut c = connect(server.local_addr());
         let handle = server.handle();
         write_frame(&mut c, b"hello");
@@ -334,7 +339,7 @@ fn the_stream_goes_into_a_file_then_framing_resumes() {
     let dir = Dir::new("upload");
     each_backend(|b| {
         let h = Files::new(&dir.0);
-        let server = server(b, &h, 1 << 20);
+        let server = server(b.zero_copy_files(true), &h, 1 << 20);
         let mut c = connect(server.local_addr());
         // All in one write: the request, the file's bytes, more messages.
         for len in [100_000usize, 0, 1] {

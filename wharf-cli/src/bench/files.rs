@@ -1,7 +1,9 @@
 //! `wharf bench --files`: one big file over loopback, from wharf's file
-//! server (`send_file`, on io_uring and on poll) and from a tokio server
-//! that reads the file into a buffer and writes it out, next to `iperf3`
-//! as the line rate of one TCP stream on this machine.
+//! server (`send_file`, on io_uring and on poll: by default, to a
+//! loopback peer, read 256 KiB at a time and sent as bytes; as
+//! `-sendfile`, made to use `sendfile`) and from a tokio server that reads
+//! the file into a buffer and writes it out, next to `iperf3` as the line
+//! rate of one TCP stream on this machine.
 //!
 //! The servers run as `wharf peer KIND --files-root DIR` children pinned
 //! to CPU 0 (one loop each); the client runs in this process pinned to
@@ -25,11 +27,15 @@ use super::child::Server;
 use super::os;
 use crate::peers::ServerKind;
 
-/// The servers that send the file, with the names of the table.
-const SERVERS: [(ServerKind, &str); 3] = [
-    (ServerKind::WharfUring, "wharf-uring"),
-    (ServerKind::WharfPoll, "wharf-poll"),
-    (ServerKind::TokioFramed, "tokio-copy"),
+/// The servers that send the file, with the names of the table, and
+/// whether wharf is made to use `sendfile` (`Builder::zero_copy_files`):
+/// by default a loopback peer, as here, gets copies.
+const SERVERS: [(ServerKind, &str, bool); 5] = [
+    (ServerKind::WharfUring, "wharf-uring", false),
+    (ServerKind::WharfPoll, "wharf-poll", false),
+    (ServerKind::WharfUring, "wharf-uring-sendfile", true),
+    (ServerKind::WharfPoll, "wharf-poll-sendfile", true),
+    (ServerKind::TokioFramed, "tokio-copy", false),
 ];
 
 /// The line rate's name in the table.
@@ -234,7 +240,7 @@ pub fn run(
         }
     }
     let cpu = pinned.then_some(0);
-    let servers: Vec<_> = SERVERS.iter().filter(|(k, _)| k.available()).collect();
+    let servers: Vec<_> = SERVERS.iter().filter(|(k, _, _)| k.available()).collect();
     let extra = vec!["--files-root".to_string(), root.display().to_string()];
     let mut runs = Vec::new();
     let total = rounds * (servers.len() + 1);
@@ -252,7 +258,11 @@ pub fn run(
         runs.push(run);
     };
     for round in 0..rounds {
-        for (kind, name) in &servers {
+        for (kind, name, sendfile) in &servers {
+            let mut extra = extra.clone();
+            if *sendfile {
+                extra.push("--files-sendfile".into());
+            }
             let server = Server::start(exe, *kind, cpu, &extra)?;
             let measured = fetch(&server, size);
             server.stop();
@@ -281,7 +291,7 @@ pub fn run(
     let (line, _) = of(IPERF);
     let (_, tokio_cpu) = of("tokio-copy");
     let mut cells = Vec::new();
-    for name in servers.iter().map(|(_, n)| *n).chain([IPERF]) {
+    for name in servers.iter().map(|(_, n, _)| *n).chain([IPERF]) {
         let (rate, cpu) = of(name);
         cells.push(FileCell {
             server: name.into(),
@@ -317,13 +327,13 @@ pub fn table(r: &FileResults) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:<12} {:>10} {:>8} {:>12} {:>7}",
+        "  {:<20} {:>10} {:>8} {:>12} {:>7}",
         "sender", "MB/s", "×iperf3", "CPU s/GiB", "×tokio"
     );
     for c in &r.cells {
         let _ = writeln!(
             out,
-            "  {:<12} {:>10.1} {:>8.2} {:>12} {:>7}",
+            "  {:<20} {:>10.1} {:>8.2} {:>12} {:>7}",
             c.server,
             c.mb_per_sec,
             c.of_line_rate,

@@ -179,6 +179,11 @@ pub struct Args {
     /// tokio-framed by reading and writing with a buffer.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["broadcast", "group", "tls_cert"])]
     files_root: Option<std::path::PathBuf>,
+    /// With --files-root, wharf always sends files with `sendfile`
+    /// (`Builder::zero_copy_files(true)`), even to a loopback peer, which
+    /// by default gets copies.
+    #[arg(long, requires = "files_root")]
+    files_sendfile: bool,
 }
 
 /// What a server does with a message.
@@ -232,7 +237,8 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     if let Some(root) = &args.files_root {
         return match args.kind {
             ServerKind::WharfUring | ServerKind::WharfPoll => {
-                let server = wharf_echo::start_files(args.kind, args.addr, root)?;
+                let server =
+                    wharf_echo::start_files(args.kind, args.addr, root, args.files_sendfile)?;
                 ready(server.local_addr());
                 exit_when_stdin_closes();
                 Ok(())

@@ -105,13 +105,18 @@ pub(super) fn start_files(
     kind: ServerKind,
     addr: SocketAddr,
     root: &std::path::Path,
+    force_sendfile: bool,
 ) -> io::Result<Server> {
     let backend = match kind {
         ServerKind::WharfPoll => Backend::Poll,
         _ => Backend::Uring,
     };
     let handler = crate::files::FileServer::new(root)?;
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if force_sendfile {
+        builder = builder.zero_copy_files(true);
+    }
+    let server = builder
         .threads(1)
         .workers(1)
         .backend(backend)

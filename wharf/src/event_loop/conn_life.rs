@@ -779,7 +779,13 @@ impl<H: Handler> Core<H> {
         let filled = if slot.tls.is_some() {
             self.fill_tls(key, &mut batch)
         } else {
-            slot.ctl.out.fill(&mut batch, driver.sends_files())
+            let zero_copy = self
+                .limits
+                .zero_copy_files
+                .unwrap_or_else(|| !slot.peer.ip().to_canonical().is_loopback());
+            slot.ctl
+                .out
+                .fill(&mut batch, zero_copy && driver.sends_files())
         };
         if let Err(e) = filled {
             // A file being sent could not be read (it shrank, or the read
