@@ -62,6 +62,8 @@ struct Files {
     results: Arc<Mutex<Vec<Result<(), SendError>>>>,
     closes: Arc<Mutex<Vec<CloseReason>>>,
     ids: Arc<Mutex<Vec<wharf::ConnId>>>,
+    /// An upload asked for, started by a timer.
+    later: Arc<Mutex<Option<(String, u64)>>>,
 }
 
 impl Files {
@@ -71,6 +73,7 @@ impl Files {
             results: Arc::default(),
             closes: Arc::default(),
             ids: Arc::default(),
+            later: Arc::default(),
         }
     }
 }
@@ -98,6 +101,11 @@ impl Handler for Files {
                 conn.receive_to_file(file, len.parse().unwrap()).unwrap();
                 return;
             }
+            ["upload-later", name, len] => {
+                *self.later.lock().unwrap() = Some((name.into(), len.parse().unwrap()));
+                conn.set_timer(1, Duration::from_millis(100));
+                return;
+            }
             ["upload-full", len] => {
                 // Every write fails with ENOSPC, as on a full disk.
                 let file = std::fs::OpenOptions::new()
@@ -113,6 +121,11 @@ impl Handler for Files {
             }
         };
         self.results.lock().unwrap().push(result);
+    }
+    fn on_timer(&self, conn: &mut Conn<'_, ()>, _token: u64) {
+        let (name, len) = self.later.lock().unwrap().take().unwrap();
+        let file = File::create(self.root.join(name)).unwrap();
+        conn.receive_to_file(file, len).unwrap();
     }
     fn on_file_received(&self, conn: &mut Conn<'_, ()>, result: std::io::Result<u64>) {
         let reply = match result {
@@ -364,6 +377,20 @@ fn the_stream_goes_into_a_file_then_framing_resumes() {
         assert_eq!(read_frame(&mut c).unwrap(), b"got 300000");
         assert_eq!(read_frame(&mut c).unwrap(), b"after");
         assert!(std::fs::read(dir.0.join("slow")).unwrap() == body);
+        // Asked for from a timer, while the reader holds the start of what
+        // it took for a frame: those bytes are the file's first.
+        let body = pattern(4, 1000);
+        write_frame(&mut c, b"upload-later late 1000");
+        c.write_all(&body[..3]).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        c.write_all(&body[3..]).unwrap();
+        write_frame(&mut c, b"after");
+        assert_eq!(read_frame(&mut c).unwrap(), b"got 1000");
+        assert_eq!(read_frame(&mut c).unwrap(), b"after");
+        assert!(
+            std::fs::read(dir.0.join("late")).unwrap() == body,
+            "the late upload differs"
+        );
         if cfg!(target_os = "linux") {
             // A full disk: the error, and the bytes passed over in step.
             let mut wire = frame(b"upload-full 5000");

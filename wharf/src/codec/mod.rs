@@ -503,6 +503,14 @@ impl FrameReader {
         self.pending.len()
     }
 
+    /// Takes the bytes held for an incomplete frame (the stream goes
+    /// elsewhere from them on: a receive into a file), leaving the reader
+    /// as if it had seen none.
+    pub(crate) fn take_pending(&mut self) -> Vec<u8> {
+        self.need = None;
+        std::mem::take(&mut self.pending)
+    }
+
     /// Encodes one message into `dst` (header + body copy).
     pub(crate) fn encode(&mut self, msg: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
         match &mut self.codec {

@@ -44,6 +44,9 @@ impl<H: Handler> Core<H> {
             return self.start_closing(key, flush, peer_done);
         }
         if self.conns[key as usize].ctl.sink.is_some() {
+            // Closed for sends first: nothing the callback does (another
+            // receive into a file, a send) outlives the close.
+            self.conns[key as usize].ctl.open = false;
             let e = std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!(

@@ -390,6 +390,23 @@ impl<H: Handler> Core<H> {
         let high = self.limits.high_water;
         let jobs_limit = self.limits.jobs_per_connection;
         let mut data = data;
+        let slot = &mut self.conns[key as usize];
+        if slot.ctl.sink.is_some() {
+            if let Phase::Open(open) = &mut slot.phase {
+                // A receive into a file asked for outside `on_message` (a
+                // timer, a job's result) while the reader held the start
+                // of a frame: those bytes are the first of the file's.
+                // Held first, before `data`, and delivered in order.
+                let pending = slot.reader.take_pending();
+                if !pending.is_empty() {
+                    debug_assert!(open.held.is_empty(), "held input empties the reader");
+                    open.held = pending;
+                    open.held.extend_from_slice(data);
+                    self.touch(key);
+                    return;
+                }
+            }
+        }
         // Bytes a receive into a file asked for go there first.
         while let Some(sink) = self.conns[key as usize].ctl.sink.as_deref_mut() {
             let n = sink.take(data);
@@ -683,6 +700,11 @@ impl<H: Handler> Core<H> {
         let jobs = slot.ctl.jobs.in_flight();
         let jobs_full = jobs >= self.limits.jobs_per_connection;
         let held_back = open.congested || slot.ctl.read_paused || jobs_full;
+        if slot.ctl.sink.is_some() && open.held.is_empty() {
+            // As in `deliver`: a partial frame the reader held belongs to
+            // the file asked for since.
+            open.held = slot.reader.take_pending();
+        }
         if !held_back && !open.held.is_empty() {
             // The queue drained (and jobs came back): deliver what arrived
             // meanwhile. Crossing the mark again holds the rest; this slot
@@ -821,7 +843,11 @@ impl<H: Handler> Core<H> {
         if tls.can_encrypt() {
             let chunks = &mut self.tls_chunks;
             while taken < TLS_BATCH && chunks.len() < 64 {
-                match slot.ctl.out.pop_upto(TLS_BATCH - taken)? {
+                let popped = slot.ctl.out.pop_upto(TLS_BATCH - taken);
+                // The list is the loop's: on a failed file read nothing of
+                // this connection may stay in it for the next one.
+                let popped = popped.inspect_err(|_| chunks.clear())?;
+                match popped {
                     Some(chunk) => {
                         taken += chunk.len();
                         chunks.push(chunk);

@@ -151,17 +151,50 @@ pub(crate) fn send_file(
     }
 }
 
+/// `sendfile(2)` takes no `MSG_NOSIGNAL`, and Linux has no
+/// `SO_NOSIGPIPE`: on a socket whose peer is gone it raises SIGPIPE, which
+/// kills a host that left the signal at its default. So SIGPIPE is blocked
+/// on this thread for the call, and one it raised is taken before the
+/// mask is restored: the caller sees `EPIPE`, as with any other send.
 #[cfg(target_os = "linux")]
 fn sendfile(socket: i32, file: i32, offset: u64, count: u64) -> io::Result<usize> {
+    // SAFETY: `sigset_t` is plain data; the calls below initialise it.
+    let mut pipe: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: the saved mask, written by `pthread_sigmask`.
+    let mut saved: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pointers to the two local sets, for the duration of each
+    // call; `pthread_sigmask` changes only this thread's mask.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut saved) == 0
+    };
     let mut offset = offset as libc::off_t;
     // SAFETY: two descriptors the caller keeps open, and a pointer to a
     // local offset that outlives the call.
     let n = unsafe { libc::sendfile(socket, file, &mut offset, count as usize) };
-    if n < 0 {
+    let result = if n < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    };
+    if blocked {
+        let raised = matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EPIPE));
+        // SAFETY: pointers to the local sets and a local zero timeout;
+        // `sigtimedwait` takes a SIGPIPE pending on this thread, if any,
+        // without waiting; then the saved mask is put back.
+        unsafe {
+            if raised && libc::sigismember(&saved, libc::SIGPIPE) == 0 {
+                let now = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                libc::sigtimedwait(&pipe, std::ptr::null_mut(), &now);
+            }
+            libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut());
+        }
     }
+    result
 }
 
 #[cfg(target_os = "macos")]

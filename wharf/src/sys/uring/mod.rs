@@ -227,13 +227,10 @@ impl Driver {
     /// A file send: wait until the socket takes more, then `sendfile` from
     /// the loop (no io_uring operation sends a file in one go; a splice
     /// through a pipe would be two, and the file half runs on a worker
-    /// thread). The socket is made non-blocking for it, once: io_uring's
-    /// own operations on it still wait for readiness themselves.
+    /// thread). The socket is non-blocking only for the `sendfile` call:
+    /// io_uring's own sends on a non-blocking socket can end in `EAGAIN`
+    /// once handed to a worker, instead of waiting.
     fn send_file(&mut self, slot: u32, socket: &Socket, batch: Box<SendBatch>) {
-        if let Err(e) = socket.set_nonblocking(true) {
-            // Never sendfile on a blocking socket: it would stall the loop.
-            tracing::debug!(error = %e, "making a socket non-blocking failed");
-        }
         let fd = socket.as_raw_fd();
         self.poll_writable(slot, fd);
         let i = slot as usize;
@@ -450,11 +447,11 @@ impl Driver {
                         .as_ref()
                         .expect("a file send completion names a send in flight");
                     let file = batch.file.as_ref().expect("a file send has its file");
-                    match super::unix::send_file(&fd, file) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            // Taken by someone else's wake-up: wait again.
-                            return self.poll_writable(id, fd);
-                        }
+                    match send_file_nonblocking(fd, file) {
+                        // Writable, yet nothing went: a send of nothing, for
+                        // the loop to start again (or, if it is closing, not:
+                        // a poll re-armed here could miss its cancel).
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
                         other => other,
                     }
                 };
@@ -664,6 +661,21 @@ pub(crate) fn probe() -> io::Result<()> {
         return Err(missing("cancel by descriptor"));
     }
     Ok(())
+}
+
+/// `sendfile` on `fd` with the socket non-blocking for the call only (see
+/// `Driver::send_file`).
+fn send_file_nonblocking(fd: RawFd, file: &crate::file::FileChunk) -> io::Result<usize> {
+    // SAFETY: the loop keeps the socket open while its send is in flight.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    socket.set_nonblocking(true)?;
+    let sent = super::unix::send_file(&fd, file);
+    if let Err(e) = socket.set_nonblocking(false) {
+        // Not expected on an open socket; what was sent still counts.
+        tracing::warn!(error = %e, "making a socket blocking again failed");
+    }
+    sent
 }
 
 #[cfg(test)]
