@@ -78,17 +78,8 @@ pub struct FileResults {
     pub cells: Vec<FileCell>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+fn median(v: Vec<f64>) -> f64 {
+    super::results::median(&v).unwrap_or(f64::NAN)
 }
 
 /// Makes (once) the file of `size` bytes under `dir`, and reads it, so

@@ -348,11 +348,12 @@ impl Driver {
         let handle = file.file.as_raw_handle() as HANDLE;
         // The box (holding the file open) stays in the slot until the
         // completion; a driver dropped first leaks it.
-        // SAFETY: the socket and the file stay open until the completion;
-        // the slot's OVERLAPPED outlives the call; no header or trailer
-        // buffers.
-        let ok =
-            unsafe { TransmitFile(io.socket, handle, len, 0, overlapped, std::ptr::null(), 0) };
+        let ok = {
+            // SAFETY: the socket and the file stay open until the
+            // completion; the slot's OVERLAPPED outlives the call; no header
+            // or trailer buffers.
+            unsafe { TransmitFile(io.socket, handle, len, 0, overlapped, std::ptr::null(), 0) }
+        };
         if ok == 0 {
             let e = last_wsa_error();
             if e.raw_os_error() != Some(WSA_IO_PENDING)
