@@ -112,6 +112,13 @@ impl Wheel {
             self.len -= before - bucket.len();
             if bucket.is_empty() {
                 self.occupied[b / 64] &= !(1 << (b % 64));
+                // A burst (ten thousand connections opened at once) leaves
+                // its buckets large, and a stream of sends leaves a little
+                // room in every bucket it passed; an emptied bucket gives
+                // that back, so the wheel of a quiet loop costs what a fresh
+                // one does. Refilling costs a few reallocations per bucket
+                // per turn of the wheel.
+                *bucket = Vec::new();
             }
             self.next += 1;
         }
@@ -233,6 +240,22 @@ mod tests {
         slots.sort();
         slots.dedup();
         assert_eq!(slots.len(), 1000);
+    }
+
+    #[test]
+    fn an_emptied_bucket_gives_its_room_back() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        // A burst: ten thousand entries in three buckets.
+        for i in 0..10_000u32 {
+            w.schedule(i, 1, t0 + TICK * (i % 3));
+        }
+        assert!(w.buckets.iter().map(Vec::capacity).sum::<usize>() >= 10_000);
+        let mut due = Vec::new();
+        w.expire(t0 + TICK * 3, &mut due);
+        assert_eq!(due.len(), 10_000);
+        let room: usize = w.buckets.iter().map(Vec::capacity).sum();
+        assert_eq!(room, 0, "the emptied buckets keep room for {room} entries");
     }
 
     #[test]
