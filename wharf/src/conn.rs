@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::codec::{FrameError, FrameReader};
+use crate::codec::FrameReader;
 use crate::error::{CloseReason, SendError};
 use crate::groups::{LoopGroups, Memberships, Outgoing};
 use crate::handle::Handle;
@@ -176,7 +176,7 @@ impl ConnCtl {
         let n = self
             .out
             .push_copy(&mut self.writer, msg)
-            .map_err(too_large)?;
+            .map_err(SendError::from)?;
         self.unsent += n;
         Ok(n)
     }
@@ -191,7 +191,7 @@ impl ConnCtl {
         let n = self
             .out
             .push_shared(&mut self.writer, msg)
-            .map_err(too_large)?;
+            .map_err(SendError::from)?;
         self.unsent += n;
         Ok(n)
     }
@@ -207,7 +207,7 @@ impl ConnCtl {
         let n = self
             .out
             .push_file(&mut self.writer, file)
-            .map_err(too_large)?;
+            .map_err(SendError::from)?;
         self.unsent += n;
         Ok(n)
     }
@@ -235,13 +235,6 @@ impl ConnCtl {
         } else {
             Ok(())
         }
-    }
-}
-
-pub(crate) fn too_large(e: FrameError) -> SendError {
-    match e {
-        FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
-        FrameError::Invalid(why) => SendError::Encode(why),
     }
 }
 
@@ -574,7 +567,7 @@ impl<S> Conn<'_, S> {
     /// and drops it.
     pub fn publish(&mut self, group: &str, msg: &[u8]) -> Result<(), SendError> {
         let shared = &self.handle.shared;
-        let wire = shared.framing.encode_shared(msg).map_err(too_large)?;
+        let wire = shared.framing.encode_shared(msg).map_err(SendError::from)?;
         let index = self.id.loop_index();
         if let Some((name, loops)) = shared.groups.loops_of(group) {
             for i in loops.iter().filter(|&i| i != index) {

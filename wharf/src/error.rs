@@ -1,6 +1,9 @@
 //! The errors and reasons a user of wharf can act on.
 
+use std::any::Any;
 use std::io;
+
+use crate::codec::FrameError;
 
 /// Why a send was refused. Nothing was queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,4 +174,24 @@ pub enum ShutdownError {
     /// A loop thread panicked (in a handler callback, most likely).
     #[error("an event-loop thread panicked")]
     Panicked,
+}
+
+impl From<FrameError> for SendError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { len, max } => SendError::TooLarge { len, max },
+            FrameError::Invalid(why) => SendError::Encode(why),
+        }
+    }
+}
+
+/// The message of a panic's payload.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    }
 }

@@ -12,10 +12,8 @@ use bytes::Bytes;
 
 use crate::access::{parse_network, Access, BadNetwork, Ban, IpRules};
 use crate::codec::Framing;
-use crate::conn::too_large;
 use crate::connect::{Connect, Dial};
 use crate::error::SendError;
-use crate::event_loop::resolve_then_connect;
 use crate::groups::Registry;
 use crate::id::{ConnId, LiveTable};
 use crate::limits::{client_network, Cap, ConnCounter, Limits};
@@ -84,7 +82,7 @@ impl Handle {
         self.shared
             .framing
             .check_file(file.body_len(), file.raw)
-            .map_err(crate::conn::too_large)?;
+            .map_err(SendError::from)?;
         // What is in memory is in transit; the file's bytes count once
         // queued, as the loop's own queue.
         let len = file.prefix.len();
@@ -117,7 +115,11 @@ impl Handle {
     /// shared by all of them.
     pub fn broadcast(&self, msg: Bytes) -> Result<(), SendError> {
         self.check_running()?;
-        let wire = self.shared.framing.encode_shared(&msg).map_err(too_large)?;
+        let wire = self
+            .shared
+            .framing
+            .encode_shared(&msg)
+            .map_err(SendError::from)?;
         for l in &self.shared.loops {
             // A loop that has ended has no connections to reach.
             let _ = l.mailbox.post(Command::Broadcast(wire.clone()));
@@ -169,7 +171,11 @@ impl Handle {
     /// published.
     pub fn publish_local(&self, group: &str, msg: &[u8]) -> Result<(), SendError> {
         self.check_running()?;
-        let wire = self.shared.framing.encode_shared(msg).map_err(too_large)?;
+        let wire = self
+            .shared
+            .framing
+            .encode_shared(msg)
+            .map_err(SendError::from)?;
         if let Some((name, loops)) = self.shared.groups.loops_of(group) {
             for i in loops.iter() {
                 // A loop that has ended has no members to reach.
@@ -272,7 +278,7 @@ impl Handle {
         let loops = &self.shared.loops;
         let first = self.shared.next_loop.fetch_add(1, Ordering::Relaxed) % loops.len();
         if dial.needs_resolving() {
-            resolve_then_connect(self.shared.clone(), first, dial);
+            self.shared.resolve_then_connect(first, dial);
             return Ok(());
         }
         let mut command = Command::Connect(dial);
@@ -471,5 +477,20 @@ impl Shared {
     /// Uncounts a connection when its descriptor is closed.
     pub(crate) fn release(&self, ip: Option<IpAddr>) {
         self.conns.release(ip, &self.limits)
+    }
+    /// Resolves `dial`'s name on a thread of its own, then hands it to loop
+    /// `index`. If the loop has ended meanwhile the connect is dropped: the
+    /// server is stopping, and `on_connect_failed` can no longer run.
+    pub(crate) fn resolve_then_connect(self: &Arc<Self>, index: usize, mut dial: Box<Dial>) {
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wharf-resolve".into())
+            .spawn(move || {
+                dial.resolve();
+                let _ = shared.loops[index].mailbox.post(Command::Connect(dial));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no thread to resolve a name on; the connect is dropped");
+        }
     }
 }

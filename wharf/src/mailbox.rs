@@ -22,6 +22,7 @@ use loom::sync::{
     Mutex,
 };
 #[cfg(not(loom))]
+use std::any::Any;
 use std::sync::{
     atomic::{fence, AtomicBool, Ordering},
     Mutex,
@@ -29,8 +30,18 @@ use std::sync::{
 
 use crate::connect::Dial;
 use crate::id::ConnId;
-use crate::pool::Done;
 use crate::sys::Socket;
+
+/// What a job hands back to its loop: the connection's `Apply<S>`, erased
+/// (a worker knows no handler's state type), or the panic's message.
+pub(crate) type Output = Result<Box<dyn Any + Send>, String>;
+
+/// A job's result on its way to the connection's loop.
+pub(crate) struct Done {
+    pub(crate) id: ConnId,
+    pub(crate) seq: u32,
+    pub(crate) output: Output,
+}
 
 /// Something another thread asks a loop to do.
 pub(crate) enum Command {

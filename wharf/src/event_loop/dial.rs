@@ -8,16 +8,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::guard::contain;
 use super::slot::Phase;
 use super::Core;
 use crate::connect::{ConnectFailure, Dial};
-use crate::handle::Shared;
 use crate::handler::Handler;
-use crate::mailbox::Command;
 use crate::sys::{self, Driver};
 
 /// A connect waiting to start: the next address now, or a reconnect when
@@ -150,7 +147,7 @@ impl<H: Handler> Core<H> {
                 }
             }
             if dial.needs_resolving() {
-                resolve_then_connect(self.handle.shared.clone(), self.index, dial);
+                self.handle.shared.resolve_then_connect(self.index, dial);
             } else {
                 self.connect(driver, dial);
             }
@@ -199,20 +196,5 @@ impl<H: Handler> Core<H> {
         *x ^= *x >> 7;
         *x ^= *x << 17;
         *x
-    }
-}
-
-/// Resolves `dial`'s name on a thread of its own, then hands it to loop
-/// `index`. If the loop has ended meanwhile the connect is dropped: the
-/// server is stopping, and `on_connect_failed` can no longer run.
-pub(crate) fn resolve_then_connect(shared: Arc<Shared>, index: usize, mut dial: Box<Dial>) {
-    let spawned = std::thread::Builder::new()
-        .name("wharf-resolve".into())
-        .spawn(move || {
-            dial.resolve();
-            let _ = shared.loops[index].mailbox.post(Command::Connect(dial));
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "no thread to resolve a name on; the connect is dropped");
     }
 }

@@ -7,27 +7,16 @@
 //! Nothing of the loop's own state is touched inside a callback except
 //! through `Conn`, whose every method leaves it consistent.
 
-use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::Core;
 use crate::connect::ConnectFailure;
+use crate::error::panic_message;
 use crate::handler::Handler;
 
 /// Runs `f`, turning a panic into `Err` with its message.
 pub(super) fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| message(&*payload))
-}
-
-/// The message of a panic's payload.
-pub(crate) fn message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_owned()
-    }
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_message(&*payload))
 }
 
 impl<H: Handler> Core<H> {

@@ -8,7 +8,7 @@ use super::Core;
 use crate::conn::Apply;
 use crate::error::CloseReason;
 use crate::handler::Handler;
-use crate::pool::{Done, Output};
+use crate::mailbox::{Done, Output};
 
 impl<H: Handler> Core<H> {
     pub(super) fn job_done(&mut self, done: Done) {

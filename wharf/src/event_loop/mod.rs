@@ -9,20 +9,23 @@
 //! once before each wait; everything in between uses that `now`.
 //!
 //! `mod.rs` holds the loop and what concerns all connections (listeners,
-//! commands, timers, counters); `conn_life.rs` one connection's life,
-//! `closing.rs` its end, `slot.rs` its phases, and `guard.rs` the
-//! containment of handler panics.
+//! commands, timers, counters). One connection's life is in
+//! `opening.rs` (accepted or connected, opened), `receiving.rs` (framed
+//! and delivered), `sending.rs` (sent, and each turn's step forward) and
+//! `closing.rs` (its end); `slot.rs` holds its phases, `dial.rs` outbound
+//! connects and their retries, and `guard.rs` the containment of handler
+//! panics.
 
 mod closing;
-mod conn_life;
 mod dial;
 mod guard;
 mod jobs;
+mod opening;
+mod receiving;
+mod sending;
 mod slot;
 mod tick;
 
-pub(crate) use dial::resolve_then_connect;
-pub(crate) use guard::message as panic_message;
 pub use tick::Tick;
 
 use std::sync::Arc;
@@ -155,7 +158,7 @@ struct Core<H: Handler> {
     /// Job results that came back before an earlier job of their
     /// connection, by (slot, sequence number); emptied as they are applied
     /// or their connection closes.
-    early_results: std::collections::HashMap<(u32, u32), crate::pool::Output>,
+    early_results: std::collections::HashMap<(u32, u32), crate::mailbox::Output>,
     /// This turn's time, and the wheel tick it falls in (for "is it due")
     /// and the one at or after it (for stamping activity, so that a
     /// timeout never fires early).

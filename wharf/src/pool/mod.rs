@@ -22,23 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::event_loop::panic_message;
+use crate::error::panic_message;
 use crate::handle::Shared;
 use crate::id::ConnId;
-use crate::mailbox::Command;
+use crate::mailbox::{Command, Done};
 
 use self::queue::{Refused, WorkQueue};
-
-/// What a job hands back to its loop: the connection's `Apply<S>`, erased
-/// (the pool knows no handler's state type), or the panic's message.
-pub(crate) type Output = Result<Box<dyn Any + Send>, String>;
-
-/// A job's result on its way to the connection's loop.
-pub(crate) struct Done {
-    pub(crate) id: ConnId,
-    pub(crate) seq: u32,
-    pub(crate) output: Output,
-}
 
 struct Job {
     run: Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>,
