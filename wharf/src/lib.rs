@@ -59,7 +59,7 @@ pub mod tls;
 mod tls;
 
 pub use access::{AcceptRate, BadNetwork, Ban, IpRules};
-pub use backend::Backend;
+pub use backend::{Backend, URING_OPTIONAL_FEATURES};
 pub use builder::Builder;
 pub use bytes::Bytes;
 pub use codec::{Codec, Decoded, FrameError, Framing, LengthPrefixed, Lines};

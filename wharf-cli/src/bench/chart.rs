@@ -68,6 +68,7 @@ pub fn colour(kind: ServerKind) -> &'static str {
         ServerKind::WharfUring => "#1f4e9c",
         ServerKind::WharfPoll => "#6f9fe0",
         ServerKind::WharfUringMetrics => "#0b2a5c",
+        ServerKind::WharfUringBasic => "#4a6a9c",
         ServerKind::TokioFramed => "#e07b1f",
         ServerKind::TokioRaw => "#f2b36f",
         ServerKind::StdThreads => "#8a8a8a",

@@ -44,6 +44,9 @@ impl Server {
             cmd.args(["--cpu", &cpu.to_string()]);
         }
         cmd.args(extra);
+        if kind == ServerKind::WharfUringBasic {
+            cmd.env("WHARF_URING_DISABLE", wharf::URING_OPTIONAL_FEATURES);
+        }
         // The name says the backend; the variable would override it.
         cmd.env_remove("WHARF_BACKEND")
             .env("RUST_LOG", "warn")

@@ -64,6 +64,10 @@ pub enum ServerKind {
     /// from inside its process (so that the scrapes' cost is its own): the
     /// cost of metrics. Run only when named (`--servers`).
     WharfUringMetrics,
+    /// wharf-uring with every optional io_uring feature turned off
+    /// (`WHARF_URING_DISABLE`, as on a kernel without them): what those
+    /// features gain, measured in the same run. Run only when named.
+    WharfUringBasic,
     /// tokio, current-thread runtime, tokio-util's `LengthDelimitedCodec`
     /// through `Framed` (the baseline most Rust users would write).
     TokioFramed,
@@ -101,6 +105,7 @@ impl ServerKind {
         match self {
             ServerKind::WharfUring
             | ServerKind::WharfUringMetrics
+            | ServerKind::WharfUringBasic
             | ServerKind::Monoio
             | ServerKind::UringRaw => cfg!(target_os = "linux"),
             ServerKind::WharfPoll => cfg!(unix),
@@ -114,6 +119,7 @@ impl ServerKind {
             ServerKind::WharfUring => "wharf-uring",
             ServerKind::WharfPoll => "wharf-poll",
             ServerKind::WharfUringMetrics => "wharf-uring-metrics",
+            ServerKind::WharfUringBasic => "wharf-uring-basic",
             ServerKind::TokioFramed => "tokio-framed",
             ServerKind::TokioRaw => "tokio-raw",
             ServerKind::StdThreads => "std-threads",
@@ -126,7 +132,10 @@ impl ServerKind {
     pub fn is_wharf(self) -> bool {
         matches!(
             self,
-            ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics
+            ServerKind::WharfUring
+                | ServerKind::WharfPoll
+                | ServerKind::WharfUringMetrics
+                | ServerKind::WharfUringBasic
         )
     }
 
@@ -136,6 +145,7 @@ impl ServerKind {
             ServerKind::WharfUring
             | ServerKind::WharfPoll
             | ServerKind::WharfUringMetrics
+            | ServerKind::WharfUringBasic
             | ServerKind::TokioFramed
             | ServerKind::StdThreads => "framed",
             ServerKind::TokioRaw | ServerKind::Monoio | ServerKind::UringRaw => "raw",
@@ -248,7 +258,10 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
         };
     }
     match args.kind {
-        ServerKind::WharfUring | ServerKind::WharfPoll | ServerKind::WharfUringMetrics => {
+        ServerKind::WharfUring
+        | ServerKind::WharfPoll
+        | ServerKind::WharfUringMetrics
+        | ServerKind::WharfUringBasic => {
             let server =
                 wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref(), tls)?;
             let _metrics = match args.kind {

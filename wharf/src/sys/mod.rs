@@ -49,8 +49,15 @@
 //!   - `waker() -> Waker`: a handle to wake `poll` from another thread;
 //!     wake-ups show as [`Event::Woken`].
 //! * `Waker`: `Send + Sync + Clone`, with `wake(&self)`.
+//!   - `in_flight() -> usize`: operations whose final completion has not
+//!     come yet. It also counts what a driver starts on its own (io_uring's
+//!     watch beside a multishot receive), which ends within a turn or two of
+//!     the event the loop last waited for; a loop that ends waits for 0.
 //! * `Socket`, `Listener`: owned OS sockets; dropping them closes them. A
-//!   socket is dropped only after every operation on it has ended.
+//!   socket is dropped only after every operation the loop started on it
+//!   has ended. (A driver's own operations, such as io_uring's watch, use
+//!   no memory of the loop's, and the kernel keeps the socket open for them
+//!   until they end.)
 //! * `probe() -> io::Result<()>`: whether the backend can run here.
 //! * `SendScratch`: per-send memory the backend needs kept in place while
 //!   a send is in flight (io_uring: the iovecs and message header).
