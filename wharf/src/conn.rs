@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::codec::FrameReader;
+use crate::codec::FrameWriter;
 use crate::error::{CloseReason, SendError};
 use crate::groups::{LoopGroups, Memberships, Outgoing};
 use crate::handle::Handle;
@@ -18,7 +18,7 @@ use crate::sys::Socket;
 /// The part of a connection's slot that sending and closing touch; the loop
 /// owns it, a `Conn` borrows it during a callback.
 pub(crate) struct ConnCtl {
-    pub(crate) writer: FrameReader,
+    pub(crate) writer: FrameWriter,
     pub(crate) out: OutQueue,
     /// Bytes queued or in flight, for the high-water mark.
     pub(crate) unsent: usize,
@@ -151,7 +151,7 @@ impl Timers {
 }
 
 impl ConnCtl {
-    pub(crate) fn new(writer: FrameReader) -> ConnCtl {
+    pub(crate) fn new(writer: FrameWriter) -> ConnCtl {
         ConnCtl {
             writer,
             out: OutQueue::default(),

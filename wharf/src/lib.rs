@@ -81,16 +81,17 @@ pub use stats::Stats;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing {
-    use crate::codec::{FrameError, FrameReader, Framing};
+    use crate::codec::{FrameError, FrameReader, FrameWriter, Framing};
     use std::ops::ControlFlow;
 
-    /// A connection's decoding state (`FrameReader`).
-    pub struct Reader(FrameReader);
+    /// A connection's decoding and encoding state (`FrameReader`,
+    /// `FrameWriter`).
+    pub struct Reader(FrameReader, FrameWriter);
 
     impl Reader {
         /// A fresh reader for `framing`, as a new connection gets.
         pub fn new(framing: &Framing) -> Self {
-            Reader(framing.reader())
+            Reader(framing.reader(), framing.writer())
         }
 
         /// `FrameReader::feed_until`.
@@ -103,10 +104,10 @@ pub mod fuzzing {
             self.0.feed_until(input, on_frame, rest)
         }
 
-        /// `FrameReader::encode`, appending the wire form of `msg` to `dst`.
+        /// `FrameWriter::encode`, appending the wire form of `msg` to `dst`.
         pub fn encode(&mut self, msg: &[u8], dst: &mut Vec<u8>) -> Result<(), FrameError> {
             let mut buf = bytes::BytesMut::new();
-            self.0.encode(msg, &mut buf)?;
+            self.1.encode(msg, &mut buf)?;
             dst.extend_from_slice(&buf);
             Ok(())
         }

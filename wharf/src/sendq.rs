@@ -12,7 +12,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{FrameError, FrameReader};
+use crate::codec::{FrameError, FrameWriter};
 use crate::file::{FileChunk, FileRange, READ_PIECE};
 use crate::sys::SendBatch;
 
@@ -52,7 +52,7 @@ impl OutQueue {
     /// added.
     pub(crate) fn push_copy(
         &mut self,
-        writer: &mut FrameReader,
+        writer: &mut FrameWriter,
         msg: &[u8],
     ) -> Result<usize, FrameError> {
         let before = self.len();
@@ -69,7 +69,7 @@ impl OutQueue {
     /// returns the bytes added.
     pub(crate) fn push_shared(
         &mut self,
-        writer: &mut FrameReader,
+        writer: &mut FrameWriter,
         body: Bytes,
     ) -> Result<usize, FrameError> {
         if writer.is_custom() {
@@ -95,7 +95,7 @@ impl OutQueue {
     /// (lines, custom codecs) takes files only raw.
     pub(crate) fn push_file(
         &mut self,
-        writer: &mut FrameReader,
+        writer: &mut FrameWriter,
         file: FileRange,
     ) -> Result<usize, FrameError> {
         let before = self.len();
@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn copies_and_shared_bodies_keep_their_order() {
         let framing = Framing::default();
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         q.push_copy(&mut w, b"ab").unwrap();
         let big = Bytes::from(vec![7u8; 300]);
@@ -328,7 +328,7 @@ mod tests {
         let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let (path, f) = file_of(&body);
         for files in [false, true] {
-            let mut w = framing.reader();
+            let mut w = framing.writer();
             let mut q = OutQueue::default();
             q.push_copy(&mut w, b"before").unwrap();
             let range = FileRange::new(f.try_clone().unwrap())
@@ -375,13 +375,13 @@ mod tests {
             .set_len(10)
             .unwrap();
         let framing = Framing::default();
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         q.push_file(&mut w, range.clone()).unwrap();
         let e = q.fill(&mut SendBatch::default(), false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let lines: Framing = Framing::lines().into();
-        let mut w = lines.reader();
+        let mut w = lines.writer();
         assert!(matches!(
             OutQueue::default().push_file(&mut w, range.clone()),
             Err(FrameError::Invalid(_))
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn raw_framing_adds_no_header() {
         let framing = Framing::raw();
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         q.push_copy(&mut w, b"xy").unwrap();
         q.push_shared(&mut w, Bytes::from_static(b"z")).unwrap();
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn a_big_message_leaves_no_memory_behind_once_sent() {
         let framing: Framing = Framing::length_prefixed().max_frame(2 << 20).into();
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         q.push_copy(&mut w, &vec![1u8; 1_000_000]).unwrap();
         let mut batch = SendBatch::default();
@@ -445,7 +445,7 @@ mod tests {
             }
         }
         let framing = Framing::custom(|| Half);
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         q.push_copy(&mut w, b"good").unwrap();
         let e = q.push_copy(&mut w, b"bad one").unwrap_err();
@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn too_large_is_refused_and_queues_nothing() {
         let framing: Framing = Framing::length_prefixed().max_frame(4).into();
-        let mut w = framing.reader();
+        let mut w = framing.writer();
         let mut q = OutQueue::default();
         assert!(q.push_shared(&mut w, Bytes::from_static(b"12345")).is_err());
         assert!(q.is_empty());

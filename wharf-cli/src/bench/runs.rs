@@ -105,7 +105,16 @@ fn echo(plan: &Plan, server: &Server, size: usize, connections: usize) -> Measur
 
 fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
     let fail = |why: String| failed(why, Metrics::default());
-    // Let the server settle before the baseline.
+    // The baseline is a server that has served the one active connection
+    // alone for a while: what that traffic makes resident (io_uring's
+    // receive buffers, each touched as the ring cycles through them; the
+    // allocator's working set) is the server's, not the idle ones'.
+    let mut warm = Config::new(server.addr);
+    warm.connections = 1;
+    warm.warmup = Duration::from_millis(100);
+    warm.duration = Duration::from_millis(500);
+    warm.progress = false;
+    load::run(&warm).map_err(|e| fail(format!("warming the server: {e}")))?;
     thread::sleep(Duration::from_millis(100));
     let rss0 = server.rss_kib();
     let fds0 = server.open_fds();

@@ -111,7 +111,7 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
             }
             let _ = writeln!(
                 out,
-                "  (B/conn = (RSS with {} idle connections − RSS before) / {}; kernel socket memory is not in RSS)",
+                "  (B/conn = (RSS with {} idle connections − RSS after the active connection alone warmed the server) / {}; kernel socket memory is not in RSS)",
                 count_label(connections),
                 count_label(connections)
             );

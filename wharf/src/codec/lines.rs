@@ -79,10 +79,6 @@ impl LineReader {
         LineReader { lines, scanned: 0 }
     }
 
-    pub(crate) fn settings(&self) -> &Lines {
-        &self.lines
-    }
-
     pub(crate) fn decode(&mut self, buf: &[u8]) -> Result<Decoded, FrameError> {
         let max = self.lines.max_line;
         // A line of `max` bytes may be followed by CR and LF: look no

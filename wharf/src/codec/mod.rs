@@ -120,6 +120,17 @@ impl Framing {
         }
     }
 
+    /// A fresh encoding state, one per connection.
+    pub(crate) fn writer(&self) -> FrameWriter {
+        let codec = match self {
+            Framing::LengthPrefixed(lp) => WriterCodec::LengthPrefixed(*lp),
+            Framing::Raw => WriterCodec::Raw,
+            Framing::Lines(l) => WriterCodec::Lines(*l),
+            Framing::Custom(make) => WriterCodec::Custom(make()),
+        };
+        FrameWriter { codec }
+    }
+
     /// A fresh decoding state, one per connection.
     pub(crate) fn reader(&self) -> FrameReader {
         let codec = match self {
@@ -140,7 +151,7 @@ impl Framing {
     /// whose encoding depends on per-connection state must not be broadcast.
     pub(crate) fn encode_shared(&self, msg: &[u8]) -> Result<Bytes, FrameError> {
         let mut dst = BytesMut::new();
-        self.reader().encode(msg, &mut dst)?;
+        self.writer().encode(msg, &mut dst)?;
         Ok(dst.freeze())
     }
 }
@@ -510,23 +521,39 @@ impl FrameReader {
         self.need = None;
         std::mem::take(&mut self.pending)
     }
+}
 
+/// A connection's encoding: the framing's settings, or the connection's
+/// own codec for a custom framing (whose encoding may keep state). Apart
+/// from the reader, so that a connection keeps no decoding state twice.
+pub(crate) struct FrameWriter {
+    codec: WriterCodec,
+}
+
+enum WriterCodec {
+    LengthPrefixed(LengthPrefixed),
+    Raw,
+    Lines(Lines),
+    Custom(Box<dyn Codec>),
+}
+
+impl FrameWriter {
     /// Encodes one message into `dst` (header + body copy).
     pub(crate) fn encode(&mut self, msg: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
         match &mut self.codec {
-            ReaderCodec::LengthPrefixed(lp) => {
+            WriterCodec::LengthPrefixed(lp) => {
                 let (hdr, n) = lp.header(msg.len())?;
                 dst.reserve(n + msg.len());
                 dst.extend_from_slice(&hdr[..n]);
                 dst.extend_from_slice(msg);
                 Ok(())
             }
-            ReaderCodec::Raw => {
+            WriterCodec::Raw => {
                 dst.extend_from_slice(msg);
                 Ok(())
             }
-            ReaderCodec::Lines(l) => l.settings().encode(msg, dst),
-            ReaderCodec::Custom(codec) => codec.encode(msg, dst),
+            WriterCodec::Lines(l) => l.encode(msg, dst),
+            WriterCodec::Custom(codec) => codec.encode(msg, dst),
         }
     }
 
@@ -537,9 +564,9 @@ impl FrameReader {
     /// `Invalid`.
     pub(crate) fn shared_header(&self, len: usize) -> Result<Option<([u8; 4], usize)>, FrameError> {
         match &self.codec {
-            ReaderCodec::LengthPrefixed(lp) => lp.header(len).map(Some),
-            ReaderCodec::Raw => Ok(None),
-            ReaderCodec::Custom(_) | ReaderCodec::Lines(_) => Err(FrameError::Invalid(
+            WriterCodec::LengthPrefixed(lp) => lp.header(len).map(Some),
+            WriterCodec::Raw => Ok(None),
+            WriterCodec::Custom(_) | WriterCodec::Lines(_) => Err(FrameError::Invalid(
                 "this framing has no shared header".into(),
             )),
         }
@@ -548,7 +575,7 @@ impl FrameReader {
     /// Whether messages must go through [`encode`](Self::encode): a custom
     /// codec, or lines (whose terminator follows the body).
     pub(crate) fn is_custom(&self) -> bool {
-        matches!(self.codec, ReaderCodec::Custom(_) | ReaderCodec::Lines(_))
+        matches!(self.codec, WriterCodec::Custom(_) | WriterCodec::Lines(_))
     }
 }
 

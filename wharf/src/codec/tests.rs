@@ -15,9 +15,9 @@ fn body(i: usize, len: usize) -> Vec<u8> {
 fn stream(framing: &Framing, sizes: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>) {
     let frames: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| body(i, n)).collect();
     let mut wire = BytesMut::new();
-    let mut reader = framing.reader();
+    let mut writer = framing.writer();
     for f in &frames {
-        reader.encode(f, &mut wire).unwrap();
+        writer.encode(f, &mut wire).unwrap();
     }
     (wire.to_vec(), frames)
 }
@@ -249,11 +249,11 @@ fn round_trip_and_encode_shared() {
     let mut framings = length_prefixed().to_vec();
     framings.push(Framing::custom(|| Lines));
     for framing in &framings {
-        let mut reader = framing.reader();
+        let mut writer = framing.writer();
         let mut wire = BytesMut::new();
         for m in msgs {
             let before = wire.len();
-            reader.encode(m, &mut wire).unwrap();
+            writer.encode(m, &mut wire).unwrap();
             assert_eq!(framing.encode_shared(m).unwrap(), wire[before..]);
         }
         assert_eq!(collect(framing, &[&wire]), msgs, "{framing:?}");
@@ -261,7 +261,7 @@ fn round_trip_and_encode_shared() {
     // Raw: encoding is the identity, and every non-empty chunk is a message.
     let raw = Framing::raw();
     let mut wire = BytesMut::new();
-    raw.reader().encode(b"abc", &mut wire).unwrap();
+    raw.writer().encode(b"abc", &mut wire).unwrap();
     assert_eq!(&wire[..], b"abc");
     assert_eq!(raw.encode_shared(b"abc").unwrap(), &b"abc"[..]);
     let chunk = b"abcdef";
@@ -302,12 +302,12 @@ fn headers_and_limits() {
     assert_eq!(Framing::default().max_frame(), 1 << 20);
     assert_eq!(Framing::raw().max_frame(), usize::MAX);
 
-    let reader = Framing::from(lp).reader();
-    assert_eq!(reader.shared_header(4), Ok(Some((4u32.to_be_bytes(), 4))));
-    assert!(reader.shared_header(11).is_err());
-    assert_eq!(Framing::raw().reader().shared_header(1 << 30), Ok(None));
-    let custom = Framing::custom(|| Lines).reader();
-    assert!(custom.is_custom() && !reader.is_custom());
+    let writer = Framing::from(lp).writer();
+    assert_eq!(writer.shared_header(4), Ok(Some((4u32.to_be_bytes(), 4))));
+    assert!(writer.shared_header(11).is_err());
+    assert_eq!(Framing::raw().writer().shared_header(1 << 30), Ok(None));
+    let custom = Framing::custom(|| Lines).writer();
+    assert!(custom.is_custom() && !writer.is_custom());
     assert_eq!(format!("{:?}", Framing::custom(|| Lines)), "Custom");
 }
 
@@ -352,7 +352,7 @@ fn break_hands_back_the_undelivered_rest() {
     for framing in [Framing::default(), Framing::custom(|| Lines)] {
         let bodies: Vec<Vec<u8>> = (0..6).map(|i| vec![b'a' + i as u8; i * 3]).collect();
         let mut wire = Vec::new();
-        let mut writer = framing.reader();
+        let mut writer = framing.writer();
         for b in &bodies {
             let mut dst = bytes::BytesMut::new();
             writer.encode(b, &mut dst).unwrap();
@@ -412,14 +412,14 @@ fn lines_end_with_lf_or_crlf_and_lose_it() {
         [&b"one"[..], b"two", b"", b"three\rx", b""]
     );
     let mut wire = BytesMut::new();
-    f.reader().encode(b"hi", &mut wire).unwrap();
+    f.writer().encode(b"hi", &mut wire).unwrap();
     assert_eq!(&wire[..], b"hi\n");
     let crlf: Framing = Framing::lines().crlf(true).into();
     let mut wire = BytesMut::new();
-    crlf.reader().encode(b"hi", &mut wire).unwrap();
+    crlf.writer().encode(b"hi", &mut wire).unwrap();
     assert_eq!(&wire[..], b"hi\r\n");
     assert!(matches!(
-        f.reader().encode(b"a\nb", &mut BytesMut::new()),
+        f.writer().encode(b"a\nb", &mut BytesMut::new()),
         Err(FrameError::Invalid(_))
     ));
 }

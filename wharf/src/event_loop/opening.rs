@@ -157,7 +157,7 @@ impl<H: Handler> Core<H> {
         self.generations[key] = generation;
         entry.insert(Slot {
             state,
-            ctl: ConnCtl::new(self.framing.reader()),
+            ctl: ConnCtl::new(self.framing.writer()),
             reader: self.framing.reader(),
             socket,
             generation,
