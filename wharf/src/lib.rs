@@ -101,7 +101,9 @@ pub mod fuzzing {
             on_frame: impl FnMut(&[u8]) -> ControlFlow<()>,
             rest: &mut Vec<u8>,
         ) -> Result<(), FrameError> {
-            self.0.feed_until(input, on_frame, rest)
+            let result = self.0.feed_until(input, on_frame, rest);
+            self.0.take_spare();
+            result
         }
 
         /// `FrameWriter::encode`, appending the wire form of `msg` to `dst`.

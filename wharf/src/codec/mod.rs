@@ -16,9 +16,10 @@ use std::fmt;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-/// Above this capacity an empty reassembly buffer is freed rather than kept
-/// for the next frame, so that an idle connection does not hold on to the
-/// memory of the largest message it ever received.
+/// Above this capacity an empty reassembly buffer is not kept by its
+/// connection (the loop takes it back: `FrameReader::take_spare`), so that
+/// an idle connection does not hold on to the memory of the largest
+/// message it ever received.
 const KEEP_PENDING_CAPACITY: usize = 4 * 1024;
 
 /// How a connection's byte stream is cut into messages.
@@ -481,9 +482,6 @@ impl FrameReader {
                     chunk = &input[input.len() - chunk.len() - extra..];
                     copied = 0;
                     pending.clear();
-                    if pending.capacity() > KEEP_PENDING_CAPACITY {
-                        *pending = Vec::new();
-                    }
                 } else {
                     pending.drain(..consumed);
                 }
@@ -498,14 +496,17 @@ impl FrameReader {
         }
     }
 
-    /// `feed_until` that drops what a `Break` leaves.
+    /// `feed_until` that drops what a `Break` leaves, and then gives back a
+    /// large empty buffer (as the loop does with `take_spare`).
     #[cfg(test)]
     pub(crate) fn feed(
         &mut self,
         input: &[u8],
         on_frame: impl FnMut(&[u8]) -> ControlFlow<()>,
     ) -> Result<(), FrameError> {
-        self.feed_until(input, on_frame, &mut Vec::new())
+        let result = self.feed_until(input, on_frame, &mut Vec::new());
+        self.take_spare();
+        result
     }
 
     #[cfg(test)]
@@ -520,6 +521,27 @@ impl FrameReader {
     pub(crate) fn take_pending(&mut self) -> Vec<u8> {
         self.need = None;
         std::mem::take(&mut self.pending)
+    }
+
+    /// Whether the reader has a reassembly buffer (empty or not).
+    pub(crate) fn has_buffer(&self) -> bool {
+        self.pending.capacity() > 0
+    }
+
+    /// Gives a reader without a buffer an empty one to reassemble into.
+    pub(crate) fn lend(&mut self, buffer: Vec<u8>) {
+        debug_assert!(buffer.is_empty());
+        if self.pending.capacity() == 0 {
+            self.pending = buffer;
+        }
+    }
+
+    /// Takes back an empty reassembly buffer larger than a connection
+    /// keeps: the caller frees it or lends it to the next reader that
+    /// needs one. Called after each `feed`.
+    pub(crate) fn take_spare(&mut self) -> Option<Vec<u8>> {
+        (self.pending.is_empty() && self.pending.capacity() > KEEP_PENDING_CAPACITY)
+            .then(|| std::mem::take(&mut self.pending))
     }
 }
 

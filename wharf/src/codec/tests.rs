@@ -462,3 +462,46 @@ fn a_line_over_the_maximum_is_refused_before_more_is_buffered() {
     let flood = vec![b'x'; 1 << 20];
     assert!(reader.feed(&flood, |_| panic!("no line")).is_err());
 }
+
+/// A frame split across receives is reassembled in a buffer that the
+/// reader gives back once empty (`take_spare`) and that a reader lent it
+/// reuses: a stream of such frames allocates once, not once per frame, and
+/// the reader keeps nothing large between frames.
+#[test]
+fn a_reassembly_buffer_is_given_back_and_reused() {
+    let framing = Framing::default();
+    let (wire, frames) = stream(&framing, &[16 * 1024]);
+    let (first, second) = wire.split_at(10 * 1024);
+    let mut reader = framing.reader();
+    let mut got = Vec::new();
+    let mut feed = |reader: &mut FrameReader, chunk: &[u8], got: &mut Vec<Vec<u8>>| {
+        reader
+            .feed_until(
+                chunk,
+                |m| {
+                    got.push(m.to_vec());
+                    ControlFlow::Continue(())
+                },
+                &mut Vec::new(),
+            )
+            .unwrap();
+    };
+    feed(&mut reader, first, &mut got);
+    assert!(
+        reader.take_spare().is_none(),
+        "a frame in progress keeps its buffer"
+    );
+    feed(&mut reader, second, &mut got);
+    assert_eq!(got, frames);
+    let spare = reader.take_spare().expect("the empty buffer comes back");
+    assert!(spare.capacity() >= 16 * 1024);
+    assert!(!reader.has_buffer(), "the reader keeps nothing large");
+    let at = spare.as_ptr();
+    let mut next = framing.reader();
+    next.lend(spare);
+    feed(&mut next, first, &mut got);
+    feed(&mut next, second, &mut got);
+    let again = next.take_spare().expect("given back again");
+    assert_eq!(again.as_ptr(), at, "the lent buffer was reassembled into");
+    assert_eq!(got.len(), 2);
+}

@@ -168,6 +168,12 @@ struct Core<H: Handler> {
     commands: Vec<Command>,
     #[allow(clippy::vec_box)] // boxes move to the driver and back
     spare_batches: Vec<Box<SendBatch>>,
+    /// Reassembly buffers that frames larger than a connection keeps
+    /// grew, lent to the next reader that needs one: a stream of such
+    /// frames reuses them instead of allocating (and the allocator giving
+    /// memory back to the system and faulting it in again) per frame,
+    /// and an idle connection still holds none.
+    spare_reassembly: Vec<Vec<u8>>,
     shutdown: Option<Instant>,
     counters: Counters,
 }
@@ -250,6 +256,7 @@ impl<H: Handler> EventLoop<H> {
                 stamp_tick: 0,
                 commands: Vec::new(),
                 spare_batches: Vec::new(),
+                spare_reassembly: Vec::new(),
                 shutdown: None,
                 counters: Counters::default(),
             },

@@ -14,6 +14,11 @@ use crate::error::CloseReason;
 use crate::handler::Handler;
 use crate::sys::{Flow, RecvEnd};
 
+/// Spare reassembly buffers a loop keeps (`Core::spare_reassembly`), and
+/// the largest it keeps: at most 4 MiB in all.
+const SPARE_REASSEMBLY: usize = 16;
+const SPARE_REASSEMBLY_SIZE: usize = 256 * 1024;
+
 impl<H: Handler> Core<H> {
     pub(super) fn received(&mut self, key: u32, data: &[u8]) -> Flow {
         self.counters.bytes_in += data.len() as u64;
@@ -189,6 +194,11 @@ impl<H: Handler> Core<H> {
         let Phase::Open(open) = &mut slot.phase else {
             return;
         };
+        if !slot.reader.has_buffer() {
+            if let Some(spare) = self.spare_reassembly.pop() {
+                slot.reader.lend(spare);
+            }
+        }
         let handler = &*self.handler;
         let _span = conn_span(id);
         let mut messages = 0u64;
@@ -229,6 +239,13 @@ impl<H: Handler> Core<H> {
             }
         };
         let result = slot.reader.feed_until(data, on_frame, &mut open.held);
+        if let Some(spare) = slot.reader.take_spare() {
+            if spare.capacity() <= SPARE_REASSEMBLY_SIZE
+                && self.spare_reassembly.len() < SPARE_REASSEMBLY
+            {
+                self.spare_reassembly.push(spare);
+            }
+        }
         open.got_message |= messages != 0;
         self.counters.messages_in += messages;
         if slot.ctl.close_request.is_some() {
