@@ -474,7 +474,7 @@ fn a_reassembly_buffer_is_given_back_and_reused() {
     let (first, second) = wire.split_at(10 * 1024);
     let mut reader = framing.reader();
     let mut got = Vec::new();
-    let mut feed = |reader: &mut FrameReader, chunk: &[u8], got: &mut Vec<Vec<u8>>| {
+    let feed = |reader: &mut FrameReader, chunk: &[u8], got: &mut Vec<Vec<u8>>| {
         reader
             .feed_until(
                 chunk,
