@@ -16,13 +16,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use std::any::Any;
+
 #[cfg(loom)]
 use loom::sync::{
     atomic::{fence, AtomicBool, Ordering},
     Mutex,
 };
 #[cfg(not(loom))]
-use std::any::Any;
 use std::sync::{
     atomic::{fence, AtomicBool, Ordering},
     Mutex,
