@@ -336,3 +336,50 @@ fn the_group_and_cross_node_scenarios_run_end_to_end() {
         assert!(m.broker_cpu_us_per_msg.is_some_and(|v| v > 0.0));
     }
 }
+
+#[test]
+fn the_limit_and_the_two_loop_server_echo_and_relay() {
+    if !ServerKind::UringBest.available() {
+        eprintln!("SKIPPED: uring-best and wharf-uring-2 need Linux");
+        return;
+    }
+    let mut plan = Plan::quick(PathBuf::from(env!("CARGO_BIN_EXE_wharf")));
+    plan.preset = "test".into();
+    plan.scenarios = vec![
+        // 16 KiB + 4 bytes: one 32 KiB provided buffer, or two receives.
+        Scenario::Echo {
+            size: 16 * 1024,
+            connections: 8,
+        },
+        Scenario::Broadcast {
+            size: 256,
+            connections: 40,
+        },
+    ];
+    plan.servers = vec![
+        ServerKind::WharfUring,
+        ServerKind::UringBest,
+        ServerKind::WharfUring2,
+    ];
+    plan.rounds = 1;
+    plan.warmup = Duration::from_millis(200);
+    plan.duration = Duration::from_secs(1);
+    plan.progress = false;
+    let results = bench::run(&plan);
+    let table = bench::table(&results);
+    println!("{table}");
+    for s in &results.scenarios[0].summary {
+        assert_eq!(s.error, None, "{}", s.server.name());
+        let rate = s.median.messages_per_sec.unwrap_or(0.0);
+        assert!(rate > 0.0, "{}: {rate} msg/s", s.server.name());
+    }
+    for s in &results.scenarios[1].summary {
+        assert_eq!(s.error, None, "{}", s.server.name());
+        assert!(s.median.fanout_ms.is_some_and(|ms| ms > 0.0));
+    }
+    assert!(
+        table.contains("against the limit (uring-best), CPU µs/msg: wharf-uring "),
+        "{table}"
+    );
+    assert!(table.contains("wharf-uring-2 (2 loops"), "{table}");
+}

@@ -74,6 +74,8 @@ pub fn colour(kind: ServerKind) -> &'static str {
         ServerKind::StdThreads => "#8a8a8a",
         ServerKind::Monoio => "#3a9a4a",
         ServerKind::UringRaw => "#b03a48",
+        ServerKind::UringBest => "#6a1f2c",
+        ServerKind::WharfUring2 => "#2f7fbf",
     }
 }
 

@@ -24,6 +24,9 @@ pub(crate) struct Server {
     stdin: Option<ChildStdin>,
     /// Where it listens.
     pub(crate) addr: SocketAddr,
+    /// Whether its connections are descriptors it holds (uring-best's are
+    /// direct descriptors, in its ring).
+    counted_by_fds: bool,
 }
 
 impl Server {
@@ -74,6 +77,7 @@ impl Server {
             child,
             stdin,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            counted_by_fds: kind != ServerKind::UringBest,
         };
         let line = match rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(line)) => line,
@@ -105,14 +109,18 @@ impl Server {
         os::rss_kib(self.pid()).map(|(rss, _)| rss)
     }
 
-    /// Open descriptors.
+    /// Open descriptors; none where its connections hold none.
     pub(crate) fn open_fds(&self) -> Option<usize> {
+        if !self.counted_by_fds {
+            return None;
+        }
         os::open_fds(self.pid())
     }
 
     /// Waits until the server holds `n` more descriptors than `before`
     /// (its accepted connections), up to `timeout`. True when it does;
-    /// also true where descriptors cannot be counted (not Linux).
+    /// also true, after a pause, where descriptors cannot be counted (not
+    /// Linux, or uring-best).
     pub(crate) fn wait_for_fds(&self, before: Option<usize>, n: usize, timeout: Duration) -> bool {
         let Some(before) = before else {
             thread::sleep(Duration::from_millis(500));

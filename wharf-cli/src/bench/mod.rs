@@ -100,7 +100,7 @@ impl Plan {
     }
 
     /// The whole matrix: 64 B, 1 KiB and 16 KiB × 1, 100 and 1,000
-    /// connections, 10,000 idle connections, a 1 KiB broadcast to 5,000,
+    /// connections, 64 B × 10,000, 10,000 idle connections, a 1 KiB broadcast to 5,000,
     /// a 1 KiB publish to a room of 5,000, and 1 KiB across three nodes to
     /// 1,000 members through Redis; 5 rounds of 2 s windows.
     pub fn full(exe: PathBuf) -> Plan {
@@ -110,6 +110,12 @@ impl Plan {
                 scenarios.push(Scenario::Echo { size, connections });
             }
         }
+        // How the cost grows with the connections, to where most servers
+        // live.
+        scenarios.push(Scenario::Echo {
+            size: 64,
+            connections: 10_000,
+        });
         scenarios.push(Scenario::Idle {
             connections: 10_000,
         });
@@ -136,9 +142,10 @@ impl Plan {
         }
     }
 
-    /// Where the server is pinned, if it is.
-    fn server_cpu(&self) -> Option<usize> {
-        self.pin.then_some(PINNING.server_cpu)
+    /// Where server `kind` is pinned, if it is: not at all when it has
+    /// more than one loop.
+    fn server_cpu(&self, kind: ServerKind) -> Option<usize> {
+        (self.pin && kind != ServerKind::WharfUring2).then_some(PINNING.server_cpu)
     }
 }
 
@@ -161,6 +168,7 @@ pub fn run(plan: &Plan) -> Results {
     for kind in [
         ServerKind::Monoio,
         ServerKind::UringRaw,
+        ServerKind::UringBest,
         ServerKind::WharfUring,
     ] {
         if !kind.available() {

@@ -26,7 +26,7 @@ pub(crate) fn one(plan: &Plan, scenario: Scenario, kind: ServerKind, round: usiz
         Scenario::Group { .. } => vec!["--group".into()],
         _ => Vec::new(),
     };
-    let measured = match Server::start(&plan.exe, kind, plan.server_cpu(), &extra) {
+    let measured = match Server::start(&plan.exe, kind, plan.server_cpu(kind), &extra) {
         Err(e) => Err(failed(e, Metrics::default())),
         Ok(mut server) => {
             let result = match scenario {
@@ -151,7 +151,7 @@ fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
 }
 
 fn cross_node(plan: &Plan, kind: ServerKind, size: usize, members: usize) -> Measured {
-    let out = crossnode::run(&plan.exe, kind, plan.server_cpu(), size, members)
+    let out = crossnode::run(&plan.exe, kind, plan.server_cpu(kind), size, members)
         .map_err(|e| failed(e, Metrics::default()))?;
     Ok(Metrics {
         p50_us: Some(out.p50_us),

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::results::{count_label, Results, Scenario, ScenarioResult, Summary};
+use crate::peers::ServerKind;
 
 /// The whole table, as printed at the end of `wharf bench`.
 pub fn render(results: &Results) -> String {
@@ -25,9 +26,14 @@ pub fn render(results: &Results) -> String {
         ),
         None => "not pinned: server and load generator share the CPUs".to_string(),
     };
+    let threads = if m.servers.contains(&ServerKind::WharfUring2) {
+        "every server on 1 thread but wharf-uring-2 (2 loops, not pinned: one shares the load generator's CPU)"
+    } else {
+        "every server on 1 thread"
+    };
     let _ = writeln!(
         out,
-        "{} CPUs, kernel {}; {pin}; every server on 1 thread",
+        "{} CPUs, kernel {}; {pin}; {threads}",
         m.cpus,
         m.kernel.as_deref().unwrap_or("?")
     );
@@ -81,6 +87,7 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
                 );
                 failures(out, x);
             }
+            limit(out, s);
             let client_bound = s
                 .summary
                 .iter()
@@ -162,6 +169,31 @@ fn scenario(out: &mut String, s: &ScenarioResult) {
                 failures(out, x);
             }
         }
+    }
+}
+
+/// The line that sets wharf against the limit (uring-best): its CPU per
+/// message over the limit's, when both ran.
+fn limit(out: &mut String, s: &ScenarioResult) {
+    let cpu = |kind| {
+        s.summary
+            .iter()
+            .find(|x| x.server == kind)
+            .and_then(|x| x.median.cpu_us_per_msg)
+    };
+    let Some(best) = cpu(ServerKind::UringBest).filter(|&v| v > 0.0) else {
+        return;
+    };
+    let ratios: Vec<String> = [ServerKind::WharfUring, ServerKind::WharfPoll]
+        .into_iter()
+        .filter_map(|k| cpu(k).map(|v| format!("{} {:.2}×", k.name(), v / best)))
+        .collect();
+    if !ratios.is_empty() {
+        let _ = writeln!(
+            out,
+            "  against the limit (uring-best), CPU µs/msg: {}",
+            ratios.join(", ")
+        );
     }
 }
 

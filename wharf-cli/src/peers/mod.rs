@@ -24,6 +24,8 @@ mod wharf_echo;
 #[cfg(target_os = "linux")]
 mod monoio_echo;
 #[cfg(target_os = "linux")]
+mod uring_best;
+#[cfg(target_os = "linux")]
 mod uring_echo;
 
 use std::error::Error;
@@ -80,8 +82,18 @@ pub enum ServerKind {
     Monoio,
     /// A minimal io_uring echo on the io-uring crate alone: one thread,
     /// multishot accept, one recv/send at a time per connection into a
-    /// fixed buffer. The stand-in for what the machine can do.
+    /// fixed buffer: the echo most would write first.
     UringRaw,
+    /// The best echo io_uring does here, as the limit: one thread,
+    /// multishot accept into direct descriptors, multishot receives from
+    /// provided buffers sent back without a copy.
+    UringBest,
+    /// wharf-uring with two loops, not pinned (the load generator keeps
+    /// its CPU, so it shares one with a loop): how wharf scales with
+    /// loops. Run only when named.
+    #[value(name = "wharf-uring-2")]
+    #[serde(rename = "wharf-uring-2")]
+    WharfUring2,
 }
 
 impl ServerKind {
@@ -95,6 +107,7 @@ impl ServerKind {
             ServerKind::StdThreads,
             ServerKind::Monoio,
             ServerKind::UringRaw,
+            ServerKind::UringBest,
         ];
         all.retain(|k| k.available());
         all
@@ -106,8 +119,10 @@ impl ServerKind {
             ServerKind::WharfUring
             | ServerKind::WharfUringMetrics
             | ServerKind::WharfUringBasic
+            | ServerKind::WharfUring2
             | ServerKind::Monoio
-            | ServerKind::UringRaw => cfg!(target_os = "linux"),
+            | ServerKind::UringRaw
+            | ServerKind::UringBest => cfg!(target_os = "linux"),
             ServerKind::WharfPoll => cfg!(unix),
             ServerKind::TokioFramed | ServerKind::TokioRaw | ServerKind::StdThreads => true,
         }
@@ -125,6 +140,8 @@ impl ServerKind {
             ServerKind::StdThreads => "std-threads",
             ServerKind::Monoio => "monoio",
             ServerKind::UringRaw => "uring-raw",
+            ServerKind::UringBest => "uring-best",
+            ServerKind::WharfUring2 => "wharf-uring-2",
         }
     }
 
@@ -136,6 +153,7 @@ impl ServerKind {
                 | ServerKind::WharfPoll
                 | ServerKind::WharfUringMetrics
                 | ServerKind::WharfUringBasic
+                | ServerKind::WharfUring2
         )
     }
 
@@ -146,9 +164,13 @@ impl ServerKind {
             | ServerKind::WharfPoll
             | ServerKind::WharfUringMetrics
             | ServerKind::WharfUringBasic
+            | ServerKind::WharfUring2
             | ServerKind::TokioFramed
             | ServerKind::StdThreads => "framed",
-            ServerKind::TokioRaw | ServerKind::Monoio | ServerKind::UringRaw => "raw",
+            ServerKind::TokioRaw
+            | ServerKind::Monoio
+            | ServerKind::UringRaw
+            | ServerKind::UringBest => "raw",
         }
     }
 }
@@ -261,7 +283,8 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
         ServerKind::WharfUring
         | ServerKind::WharfPoll
         | ServerKind::WharfUringMetrics
-        | ServerKind::WharfUringBasic => {
+        | ServerKind::WharfUringBasic
+        | ServerKind::WharfUring2 => {
             let server =
                 wharf_echo::start(args.kind, args.addr, mode, args.cluster.as_deref(), tls)?;
             let _metrics = match args.kind {
@@ -282,8 +305,12 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
         ServerKind::Monoio => monoio_echo::serve(listen(args.addr)?, mode, ready),
         #[cfg(target_os = "linux")]
         ServerKind::UringRaw => uring_echo::serve(listen(args.addr)?, mode, ready),
+        #[cfg(target_os = "linux")]
+        ServerKind::UringBest => uring_best::serve(listen(args.addr)?, mode, ready),
         #[cfg(not(target_os = "linux"))]
-        ServerKind::Monoio | ServerKind::UringRaw => unreachable!("checked by available()"),
+        ServerKind::Monoio | ServerKind::UringRaw | ServerKind::UringBest => {
+            unreachable!("checked by available()")
+        }
     }
 }
 

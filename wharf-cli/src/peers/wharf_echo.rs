@@ -61,7 +61,12 @@ pub(super) fn start(
         ServerKind::WharfPoll => Backend::Poll,
         _ => Backend::Uring,
     };
-    let mut builder = Server::builder().threads(1).backend(backend);
+    let loops = if kind == ServerKind::WharfUring2 {
+        2
+    } else {
+        1
+    };
+    let mut builder = Server::builder().threads(loops).backend(backend);
     if let Some(url) = cluster {
         let redis = wharf::cluster::Redis::new(url)
             .map_err(|e| io::Error::other(format!("--cluster {url}: {e}")))?
