@@ -290,6 +290,20 @@ impl Driver {
         let SendBatch {
             bufs, offset, os, ..
         } = &mut *batch;
+        // One buffer (an echo, a reply): a plain send, which spares the
+        // kernel the message header and the iovec array.
+        if bufs.len() == 1 {
+            let buf = &bufs[0][*offset..];
+            let len = buf.len().min(i32::MAX as usize) as u32;
+            let entry = opcode::Send::new(Fd(socket.as_raw_fd()), buf.as_ptr(), len)
+                .flags(super::unix::SEND_FLAGS)
+                .build()
+                .user_data(tag(SEND, slot));
+            // SAFETY: the buffer is the batch's, which stays in `sending`
+            // (below) until the completion.
+            unsafe { self.push(entry) };
+            return self.sent_off(slot, batch);
+        }
         os.iov.clear();
         for (i, buf) in bufs.iter().take(MAX_IOV).enumerate() {
             let skip = if i == 0 { *offset } else { 0 };
@@ -308,6 +322,11 @@ impl Driver {
         // the driver goes first); MSG_NOSIGNAL: no SIGPIPE from a reset peer.
         // SAFETY: the batch's buffers, iovecs and header outlive the send.
         unsafe { self.push(entry) };
+        self.sent_off(slot, batch);
+    }
+
+    /// Keeps `batch`, whose send has just been queued, until its completion.
+    fn sent_off(&mut self, slot: u32, batch: Box<SendBatch>) {
         let i = slot as usize;
         if self.sending.len() <= i {
             self.sending.resize_with(i + 1, || None);
