@@ -19,12 +19,14 @@ pub enum Backend {
 /// The optional io_uring features the backend uses where the kernel has
 /// them, by the names that `WHARF_URING_DISABLE` (comma-separated) takes to
 /// turn them off, so that the backend runs as on a kernel without them:
-/// `multishot_recv`, multishot receives (kernel 6.0).
+/// `multishot_recv`, multishot receives (kernel 6.0), and
+/// `incremental_buffers`, receive buffers that the kernel consumes
+/// incrementally, so that receives share them (kernel 6.12).
 ///
 /// `WHARF_URING_DISABLE` also takes `buf_ring`, `multishot_accept` and
 /// `cancel_fd`, which the backend cannot do without: `Backend::Auto` then
 /// picks the poll backend.
-pub const URING_OPTIONAL_FEATURES: &str = "multishot_recv";
+pub const URING_OPTIONAL_FEATURES: &str = "multishot_recv,incremental_buffers";
 
 impl Backend {
     /// Reads `WHARF_BACKEND` (`uring`, `poll`, `iocp` or `auto`), which overrides

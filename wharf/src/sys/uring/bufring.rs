@@ -2,6 +2,12 @@
 //! connection of one loop. The kernel picks a buffer only when data arrives,
 //! so an idle connection pins no receive memory (the io_uring answer to the
 //! IOCP servers' WSAENOBUFS lesson).
+//!
+//! Where the kernel consumes buffers incrementally (6.12), receives share a
+//! buffer: each takes what it needs from the part not yet used, and the
+//! buffer comes back to the ring only once the kernel has used it all. Small
+//! receives then land side by side in warm memory instead of one to a
+//! buffer across the whole pool.
 
 use std::alloc::{self, Layout};
 use std::io;
@@ -14,6 +20,9 @@ use io_uring::IoUring;
 /// The buffer group id every receive of a loop uses.
 pub(super) const GROUP: u16 = 0;
 
+/// `IOU_PBUF_RING_INC`: the kernel consumes each buffer incrementally.
+pub(super) const INCREMENTAL: u16 = 2;
+
 pub(super) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
@@ -22,12 +31,21 @@ pub(super) struct BufRing {
     count: u16,
     size: u32,
     tail: u16,
+    /// With incremental consumption, how much of each buffer the kernel
+    /// has used (its next receive lands there); empty otherwise.
+    used: Vec<u32>,
 }
 
 impl BufRing {
     /// Allocates `count` buffers of `size` bytes and registers them with
-    /// `ring`. `count` must be a power of two, at most 32768.
-    pub(super) fn new(ring: &IoUring, count: u16, size: u32) -> io::Result<BufRing> {
+    /// `ring`, consumed incrementally if `incremental`. `count` must be a
+    /// power of two, at most 32768.
+    pub(super) fn new(
+        ring: &IoUring,
+        count: u16,
+        size: u32,
+        incremental: bool,
+    ) -> io::Result<BufRing> {
         if !count.is_power_of_two() || count > 32768 || size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -60,6 +78,11 @@ impl BufRing {
             count,
             size,
             tail: 0,
+            used: if incremental {
+                vec![0; count as usize]
+            } else {
+                Vec::new()
+            },
         };
         // SAFETY: the entries and buffers stay allocated until `drop`, which
         // runs only after the ring itself is gone (the driver declares the
@@ -69,7 +92,7 @@ impl BufRing {
                 this.entries.as_ptr() as u64,
                 count,
                 GROUP,
-                0,
+                if incremental { INCREMENTAL } else { 0 },
             )?;
         }
         for bid in 0..count {
@@ -79,26 +102,41 @@ impl BufRing {
         Ok(this)
     }
 
-    /// The first `len` bytes of buffer `bid`, which the kernel has just
-    /// filled and handed to us in a completion.
+    /// The `len` bytes that a receive completion just reported in buffer
+    /// `bid` (from its start, or, consumed incrementally, from where the
+    /// previous receive into it ended).
     ///
     /// # Safety
     /// `bid` must come from a receive completion of this ring reporting `len`
-    /// bytes, and must not have been recycled since.
+    /// bytes, not yet passed to [`BufRing::consumed`].
     pub(super) unsafe fn filled(&self, bid: u16, len: usize) -> &[u8] {
-        debug_assert!(bid < self.count && len <= self.size as usize);
-        // SAFETY: the caller's contract: the kernel wrote `len` bytes into
-        // this buffer and no longer touches it until we give it back.
+        let start = self.used.get(bid as usize).map_or(0, |&u| u as usize);
+        debug_assert!(bid < self.count && start + len <= self.size as usize);
+        // SAFETY: the caller's contract: the kernel wrote these `len` bytes
+        // and writes only past them (or nowhere in this buffer) until we
+        // give it back.
         unsafe {
             std::slice::from_raw_parts(
-                self.memory.as_ptr().add(bid as usize * self.size as usize),
+                self.memory
+                    .as_ptr()
+                    .add(bid as usize * self.size as usize + start),
                 len,
             )
         }
     }
 
-    /// Gives buffer `bid` back to the kernel.
-    pub(super) fn recycle(&mut self, bid: u16) {
+    /// The program is done with the `len` bytes of buffer `bid` that a
+    /// completion with `flags` reported: the buffer goes back to the kernel
+    /// unless the kernel said it goes on filling it (`IORING_CQE_F_BUF_MORE`,
+    /// incremental consumption only).
+    pub(super) fn consumed(&mut self, bid: u16, len: usize, flags: u32) {
+        if let Some(used) = self.used.get_mut(bid as usize) {
+            if io_uring::cqueue::buffer_more(flags) {
+                *used += len as u32;
+                return;
+            }
+            *used = 0;
+        }
         self.push(bid);
         self.publish();
     }

@@ -10,8 +10,8 @@
 //! Each is tried for real once per process. `WHARF_URING_DISABLE` (names,
 //! comma-separated) makes the probe treat features as missing, so that the
 //! suite also covers kernels without them: `buf_ring`, `multishot_accept`
-//! and `cancel_fd` turn io_uring off; `multishot_recv` keeps it on without
-//! that feature.
+//! and `cancel_fd` turn io_uring off; `multishot_recv` and
+//! `incremental_buffers` keep it on without that feature.
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -30,6 +30,9 @@ pub(super) struct Features {
     /// Multishot receive (kernel 6.0): one submission receives until the
     /// stream ends, instead of one per completion.
     pub(super) multishot_recv: bool,
+    /// Buffers consumed incrementally (`IOU_PBUF_RING_INC`, kernel 6.12):
+    /// receives share a provided buffer instead of taking one each.
+    pub(super) incremental_buffers: bool,
 }
 
 /// Whether io_uring with every feature the driver needs works here.
@@ -81,7 +84,7 @@ fn try_features(disabled: &str) -> io::Result<Features> {
     if off("buf_ring") {
         return Err(missing("provided buffer rings"));
     }
-    let bufs = BufRing::new(&ring, 2, 64).map_err(|_| missing("provided buffer rings"))?;
+    let bufs = BufRing::new(&ring, 2, 64, false).map_err(|_| missing("provided buffer rings"))?;
     let (multishot_recv, settled) = try_multishot_recv(&mut ring)?;
     let unregistered = settled && ring.submitter().unregister_buf_ring(bufring::GROUP).is_ok();
     if unregistered {
@@ -89,6 +92,18 @@ fn try_features(disabled: &str) -> io::Result<Features> {
     } else {
         bufs.leak();
     }
+    // Registering is the test: a kernel without it refuses the flag.
+    let incremental_buffers = match BufRing::new(&ring, 2, 64, true) {
+        Ok(bufs) if ring.submitter().unregister_buf_ring(bufring::GROUP).is_ok() => {
+            drop(bufs);
+            true
+        }
+        Ok(bufs) => {
+            bufs.leak();
+            true
+        }
+        Err(_) => false,
+    };
     // Multishot accept on a real listener, then cancelled by descriptor:
     // an old kernel refuses the first with EINVAL, and the second (no such
     // flag) with EINVAL too.
@@ -125,6 +140,7 @@ fn try_features(disabled: &str) -> io::Result<Features> {
     }
     Ok(Features {
         multishot_recv: multishot_recv && !off("multishot_recv"),
+        incremental_buffers: incremental_buffers && !off("incremental_buffers"),
     })
 }
 
@@ -213,8 +229,13 @@ mod tests {
             "kernel {:?}",
             kernel()
         );
+        assert_eq!(found.incremental_buffers, kernel() >= (6, 12));
         let off = try_features("cancel_fd_x, multishot_recv").unwrap();
         assert!(!off.multishot_recv);
+        assert!(off.incremental_buffers == found.incremental_buffers);
+        let off = try_features("incremental_buffers").unwrap();
+        assert!(!off.incremental_buffers);
+        assert_eq!(off.multishot_recv, found.multishot_recv);
         assert!(try_features("buf_ring").is_err());
     }
 }

@@ -185,7 +185,12 @@ impl Driver {
                     .build(depth)
             })
             .or_else(|_| IoUring::builder().setup_cqsize(depth * 4).build(depth))?;
-        let bufs = BufRing::new(&ring, config.recv_buffers, config.recv_buffer_size)?;
+        let bufs = BufRing::new(
+            &ring,
+            config.recv_buffers,
+            config.recv_buffer_size,
+            features.incremental_buffers,
+        )?;
         // SAFETY: eventfd takes no pointers; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -526,12 +531,12 @@ impl Driver {
                 if res > 0 {
                     let bid = bid.expect("a receive with data names its buffer");
                     // SAFETY: the completion hands us buffer `bid` holding
-                    // `res` bytes; it is recycled only after `f` returns.
+                    // `res` bytes; they are given back only after `f` returns.
                     let data = unsafe { self.bufs.filled(bid, res as usize) };
                     f(Event::Received { slot: id, data });
-                    self.bufs.recycle(bid);
+                    self.bufs.consumed(bid, res as usize, cqe.flags());
                 } else if let Some(bid) = bid {
-                    self.bufs.recycle(bid);
+                    self.bufs.consumed(bid, 0, cqe.flags());
                 }
                 if !more {
                     if !self.recv_finished(id, res) {
