@@ -314,6 +314,26 @@ pub fn cli(args: Args) -> Result<(), Box<dyn Error>> {
     }
 }
 
+/// Queues `entry` on `ring`, submitting what is queued first while the
+/// queue is full (the io_uring peers' one way to submit).
+///
+/// # Safety
+/// As for `SubmissionQueue::push`: whatever `entry` points at must stay
+/// valid, and untouched, until its completion has been handled.
+#[cfg(target_os = "linux")]
+unsafe fn push_entry(
+    ring: &mut io_uring::IoUring,
+    entry: &io_uring::squeue::Entry,
+) -> std::io::Result<()> {
+    loop {
+        // SAFETY: the caller's contract.
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
 /// Blocks until standard input reaches its end, then exits the process.
 fn exit_when_stdin_closes() {
     let mut sink = [0u8; 64];

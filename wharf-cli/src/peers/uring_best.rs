@@ -221,16 +221,11 @@ impl Pool {
 impl Echo {
     /// Queues `entry`, submitting first if the queue is full.
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points at is either in the
-            // leaked pool (held by the program until the send that reads
-            // it completes) or an `Rc` in the connection's `out` queue,
-            // which keeps it until the send's completion has been handled.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every buffer an entry points at is either in the
+        // leaked pool (held by the program until the send that reads
+        // it completes) or an `Rc` in the connection's `out` queue,
+        // which keeps it until the send's completion has been handled.
+        unsafe { super::push_entry(&mut self.ring, entry) }
     }
 
     fn opened(&mut self, file: u32) -> io::Result<()> {

@@ -97,17 +97,12 @@ pub(super) fn serve(
 impl Echo {
     /// Queues `entry`, submitting first if the queue is full.
     fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points at belongs to a `Conn`
-            // (its boxed `buf`, or an `Rc` in its `out` queue) that stays
-            // in `conns`, unmoved and untouched by us, until the entry's
-            // completion has been handled: a connection is freed only when
-            // neither its recv nor its send is in flight.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every buffer an entry points at belongs to a `Conn`
+        // (its boxed `buf`, or an `Rc` in its `out` queue) that stays
+        // in `conns`, unmoved and untouched by us, until the entry's
+        // completion has been handled: a connection is freed only when
+        // neither its recv nor its send is in flight.
+        unsafe { super::push_entry(&mut self.ring, entry) }
     }
 
     fn opened(&mut self, fd: RawFd) -> io::Result<()> {
