@@ -106,15 +106,23 @@ fn echo(plan: &Plan, server: &Server, size: usize, connections: usize) -> Measur
 fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
     let fail = |why: String| failed(why, Metrics::default());
     // The baseline is a server that has served the one active connection
-    // alone for a while: what that traffic makes resident (io_uring's
-    // receive buffers, each touched as the ring cycles through them; the
-    // allocator's working set) is the server's, not the idle ones'.
-    let mut warm = Config::new(server.addr);
-    warm.connections = 1;
-    warm.warmup = Duration::from_millis(100);
-    warm.duration = Duration::from_millis(500);
-    warm.progress = false;
-    load::run(&warm).map_err(|e| fail(format!("warming the server: {e}")))?;
+    // alone for a while: what that traffic makes resident is the server's,
+    // not the idle ones'. That is the allocator's working set, and
+    // io_uring's receive buffers, each touched as the ring cycles through
+    // them: 64 B messages alone would take minutes to cycle the 8 MiB pool
+    // (receives share a buffer where the kernel consumes them
+    // incrementally), and the measuring run's own traffic would then be
+    // counted as the idle connections' memory. So 16 KiB messages first,
+    // which cycle it many times over, then the measured size.
+    for size in [16 * 1024, 64] {
+        let mut warm = Config::new(server.addr);
+        warm.connections = 1;
+        warm.size = size;
+        warm.warmup = Duration::from_millis(100);
+        warm.duration = Duration::from_millis(500);
+        warm.progress = false;
+        load::run(&warm).map_err(|e| fail(format!("warming the server: {e}")))?;
+    }
     thread::sleep(Duration::from_millis(100));
     let rss0 = server.rss_kib();
     let fds0 = server.open_fds();
