@@ -9,7 +9,10 @@
 //!
 //! Every scenario runs in rounds, each server once per round, one after the
 //! other (wharf, peer, wharf, peer, ...), so that a drift of the machine
-//! touches every server alike; a cell is the median over the rounds.
+//! touches every server alike; a cell is the median over the rounds. Each
+//! round starts one server further down the list (the first round in the
+//! order given, the second from the second server, and so on), so that no
+//! server always runs first, or always right after the same one.
 //! Results go to `results.json` and `chart.svg` in the output directory
 //! (`target/wharf-bench/`), and the table to standard output.
 
@@ -187,7 +190,7 @@ pub fn run(plan: &Plan) -> Results {
         let servers = servers_of(&plan, &scenario);
         let mut runs = Vec::new();
         for round in 0..rounds {
-            for &kind in &servers {
+            for &kind in in_turn(&servers, round) {
                 let run = runs::one(&plan, scenario, kind, round);
                 done += 1;
                 if plan.progress {
@@ -229,6 +232,12 @@ fn servers_of(plan: &Plan, scenario: &Scenario) -> Vec<ServerKind> {
         servers.retain(|k| k.is_wharf());
     }
     servers
+}
+
+/// `servers` in round `round`'s order: the list rotated by the round.
+fn in_turn(servers: &[ServerKind], round: usize) -> impl Iterator<Item = &ServerKind> {
+    let start = round % servers.len().max(1);
+    servers[start..].iter().chain(&servers[..start])
 }
 
 fn rounds_of(plan: &Plan, scenario: &Scenario) -> usize {
@@ -288,4 +297,25 @@ fn progress(
         round + 1,
         run.server.name(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_turn;
+    use crate::peers::ServerKind::{self, *};
+
+    /// Over as many rounds as there are servers, each server runs once in
+    /// every position, and the order within a round is the list's, rotated.
+    #[test]
+    fn every_server_takes_every_place_in_turn() {
+        let servers = [WharfUring, WharfPoll, TokioFramed];
+        let orders: Vec<Vec<ServerKind>> = (0..3)
+            .map(|r| in_turn(&servers, r).copied().collect())
+            .collect();
+        assert_eq!(orders[0], [WharfUring, WharfPoll, TokioFramed]);
+        assert_eq!(orders[1], [WharfPoll, TokioFramed, WharfUring]);
+        assert_eq!(orders[2], [TokioFramed, WharfUring, WharfPoll]);
+        assert_eq!(in_turn(&servers, 3).copied().collect::<Vec<_>>(), orders[0]);
+        assert_eq!(in_turn(&[], 4).count(), 0);
+    }
 }
