@@ -249,7 +249,7 @@ pub fn run(
         runs.push(run);
     };
     for round in 0..rounds {
-        for (kind, name, sendfile) in &servers {
+        for (kind, name, sendfile) in super::in_turn(&servers, round) {
             let mut extra = extra.clone();
             if *sendfile {
                 extra.push("--files-sendfile".into());

@@ -6,8 +6,9 @@
 //! `wharf kv --threads 2` to CPUs 0 and 1 (on two cores it shares CPU 1
 //! with the load), and `redis-benchmark` pinned to CPU 1 (with `taskset`).
 //! Every cell (PING_INLINE, SET, GET × pipeline depths 1 and 16, 50
-//! clients) runs in rounds, each server once per round, interleaved; a
-//! cell is the median over the rounds of the requests per second
+//! clients) runs in rounds, each server once per round, interleaved (each
+//! round starting one server further down the list); a cell is the median
+//! over the rounds of the requests per second
 //! redis-benchmark reports and of the server's CPU time per request (from
 //! `/proc`, over that invocation).
 
@@ -243,7 +244,7 @@ pub fn run(exe: &Path, rounds: usize, pin: bool) -> Result<KvResults, String> {
     for round in 0..rounds {
         for test in TESTS {
             for pipeline in PIPELINES {
-                for t in &targets {
+                for t in super::in_turn(&targets, round) {
                     let r = bench(t, test, pipeline, pin)?;
                     eprintln!(
                         "[{:>3}/{total} {:>4.0}s] {:<11} P{:<2} round {}/{rounds}  {:<12} {:>10.0} ops/s  {:>6} µs/op",

@@ -235,7 +235,8 @@ fn servers_of(plan: &Plan, scenario: &Scenario) -> Vec<ServerKind> {
 }
 
 /// `servers` in round `round`'s order: the list rotated by the round.
-fn in_turn(servers: &[ServerKind], round: usize) -> impl Iterator<Item = &ServerKind> {
+/// Every bench of several servers takes them in this order.
+pub(super) fn in_turn<T>(servers: &[T], round: usize) -> impl Iterator<Item = &T> {
     let start = round % servers.len().max(1);
     servers[start..].iter().chain(&servers[..start])
 }
@@ -316,6 +317,6 @@ mod tests {
         assert_eq!(orders[1], [WharfPoll, TokioFramed, WharfUring]);
         assert_eq!(orders[2], [TokioFramed, WharfUring, WharfPoll]);
         assert_eq!(in_turn(&servers, 3).copied().collect::<Vec<_>>(), orders[0]);
-        assert_eq!(in_turn(&[], 4).count(), 0);
+        assert_eq!(in_turn::<ServerKind>(&[], 4).count(), 0);
     }
 }

@@ -296,7 +296,7 @@ pub fn run(
     let started = Instant::now();
     for round in 0..rounds {
         for cell in CELLS {
-            for (kind, name) in SERVERS {
+            for &(kind, name) in super::in_turn(&SERVERS, round) {
                 let server = Server::start(exe, kind, cpu, &certs.server_args())?;
                 let measured = match cell {
                     Cell::Echo { size } => echo(&server, &certs, size, window),
