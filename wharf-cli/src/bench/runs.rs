@@ -114,7 +114,10 @@ fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
     // incrementally), and the measuring run's own traffic would then be
     // counted as the idle connections' memory. So 16 KiB messages first,
     // which cycle it many times over, then the measured size.
-    for size in [16 * 1024, 64] {
+    // The measuring run's active connection sends messages of the load
+    // generator's default size.
+    let measured = Config::new(server.addr).size;
+    for size in [16 * 1024, measured] {
         let mut warm = Config::new(server.addr);
         warm.connections = 1;
         warm.size = size;
