@@ -137,6 +137,14 @@ for exe in "${tests[@]}"; do
     status=0
     # --nocapture: the tests' SKIPPED lines must show.
     timeout 600 wine "$exe" --test-threads=2 --nocapture >"$log" 2>&1 || status=$?
+    if [[ $status -ne 0 ]] && ! grep -aq '^running [0-9]* test' "$log"; then
+        # Not one line from the test harness: the program never ran (Wine
+        # failed to start it, as it does now and then), so no test of it
+        # failed. Once more, and if it fails again that is reported.
+        echo "RETRY: $name exited with $status before running any test ($(wc -c <"$log") bytes of output)"
+        status=0
+        timeout 600 wine "$exe" --test-threads=2 --nocapture >"$log" 2>&1 || status=$?
+    fi
     result=$(grep -a '^test result:' "$log" | tail -1 | tr -d '\r' || true)
     if [[ $status -ne 0 || -z "$result" ]]; then
         echo "FAILED: $name (exit $status)"
