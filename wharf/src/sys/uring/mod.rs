@@ -387,6 +387,7 @@ impl Driver {
         }
         reaped.clear();
         self.reaped = reaped;
+        self.bufs.refill();
         Ok(())
     }
 
@@ -432,6 +433,8 @@ impl Driver {
                     self.bufs.consumed(bid, res as usize, cqe.flags());
                 } else if let Some(bid) = bid {
                     self.bufs.consumed(bid, 0, cqe.flags());
+                } else if res == -libc::ENOBUFS {
+                    self.bufs.starved();
                 }
                 if !more {
                     if !self.recv_finished(id, res) {
