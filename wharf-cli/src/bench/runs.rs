@@ -107,15 +107,12 @@ fn idle(plan: &Plan, server: &Server, connections: usize) -> Measured {
     let fail = |why: String| failed(why, Metrics::default());
     // The baseline is a server that has served the one active connection
     // alone for a while: what that traffic makes resident is the server's,
-    // not the idle ones'. That is the allocator's working set, and
-    // io_uring's receive buffers, each touched as the ring cycles through
-    // them: 64 B messages alone would take minutes to cycle the 8 MiB pool
-    // (receives share a buffer where the kernel consumes them
-    // incrementally), and the measuring run's own traffic would then be
-    // counted as the idle connections' memory. So 16 KiB messages first,
-    // which cycle it many times over, then the measured size.
-    // The measuring run's active connection sends messages of the load
-    // generator's default size.
+    // not the idle ones'. That is the allocator's working set and the
+    // io_uring receive buffers the traffic has touched. Large messages
+    // touch the most of them (the ring is kept at about twice what recent
+    // turns used, and small receives share a buffer), so 16 KiB messages
+    // first, then the size the measuring run's active connection sends
+    // (the load generator's default).
     let measured = Config::new(server.addr).size;
     for size in [16 * 1024, measured] {
         let mut warm = Config::new(server.addr);
