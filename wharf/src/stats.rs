@@ -118,7 +118,9 @@ pub struct Stats {
     /// Bytes queued for sending and not yet written, now.
     pub queued_bytes: u64,
     /// Times a receive paused because every pooled receive buffer was in
-    /// use (often: raise `Builder::recv_buffers`).
+    /// use (often: raise `Builder::recv_buffers`). On io_uring, a receive
+    /// that used up only the part of the pool the kernel is offered (see
+    /// `Builder::recv_buffers`) is not counted: that part grows instead.
     pub recv_buffer_waits: u64,
     /// Times a connection's reading paused because its send queue went over
     /// the high-water mark (back-pressure).

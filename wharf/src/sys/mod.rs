@@ -166,7 +166,10 @@ pub(crate) enum RecvEnd {
     /// call `recv` again to go on.
     Rearm,
     /// Every pooled receive buffer was in use: call `recv` again (buffers
-    /// are returned as soon as their events have been handled).
+    /// are returned as soon as their events have been handled). A receive
+    /// that found only io_uring's window of the pool used up (see
+    /// `uring::bufring`) ends with `Rearm` instead: the window grows, and
+    /// the pool is not too small.
     NoBuffers,
     /// The connection failed.
     Error(io::Error),

@@ -184,8 +184,13 @@ impl BufRing {
     }
 
     /// A receive found the ring empty: keep twice as many buffers in it.
-    pub(super) fn starved(&mut self) {
+    /// True if the ring already held the whole pool (every buffer was out
+    /// to the kernel: the pool itself is too small for the load), false if
+    /// only the window ran dry.
+    pub(super) fn starved(&mut self) -> bool {
+        let whole_pool = self.window >= self.count as u32;
         self.window = (self.window * 2).min(self.count as u32);
+        whole_pool
     }
 
     /// Tops the ring up to its window (see [`next_window`]), warmest

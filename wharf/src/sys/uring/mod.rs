@@ -424,6 +424,9 @@ impl Driver {
             }
             RECV => {
                 let bid = cqueue::buffer_select(cqe.flags());
+                // Whether an ENOBUFS found the whole pool out, rather than
+                // only the ring's window (which it grows).
+                let mut pool_out = false;
                 if res > 0 {
                     let bid = bid.expect("a receive with data names its buffer");
                     // SAFETY: the completion hands us buffer `bid` holding
@@ -434,7 +437,7 @@ impl Driver {
                 } else if let Some(bid) = bid {
                     self.bufs.consumed(bid, 0, cqe.flags());
                 } else if res == -libc::ENOBUFS {
-                    self.bufs.starved();
+                    pool_out = self.bufs.starved();
                 }
                 if !more {
                     if !self.recv_finished(id, res) {
@@ -443,7 +446,8 @@ impl Driver {
                     let why = match res {
                         0 => RecvEnd::Eof,
                         r if r > 0 => RecvEnd::Rearm,
-                        r if r == -libc::ENOBUFS => RecvEnd::NoBuffers,
+                        r if r == -libc::ENOBUFS && pool_out => RecvEnd::NoBuffers,
+                        r if r == -libc::ENOBUFS => RecvEnd::Rearm,
                         r if r == -libc::ECANCELED => RecvEnd::Cancelled,
                         r => RecvEnd::Error(io::Error::from_raw_os_error(-r)),
                     };
