@@ -47,14 +47,16 @@ pub(super) struct BufRing {
     /// has used (its next receive lands there); empty otherwise.
     used: Vec<u32>,
     /// Buffers out of the ring, the one that came back last at the end:
-    /// `refill` takes from the end, so the warmest go in first.
+    /// `refill` takes from the end, so the warmest go in first. Every other
+    /// buffer is in the ring (wharf holds none past its event), so the ring
+    /// holds `count - spare.len()`.
     spare: Vec<u16>,
-    /// Buffers in the ring that the kernel has not used up yet.
-    in_ring: u32,
     /// How many buffers `refill` keeps in the ring.
     window: u32,
     /// Buffers that came back since the last `refill`.
     returned: u32,
+    /// The last `refill` left the whole pool in the ring.
+    all_offered: bool,
 }
 
 /// The fewest buffers the ring is kept topped up to.
@@ -124,9 +126,9 @@ impl BufRing {
             },
             // Buffer 0 on top: the first in.
             spare: (0..count).rev().collect(),
-            in_ring: 0,
             window: MIN_WINDOW.min(count as u32),
             returned: 0,
+            all_offered: false,
         };
         // SAFETY: the entries and buffers stay allocated until `drop`, which
         // runs only after the ring itself is gone (the driver declares the
@@ -178,19 +180,18 @@ impl BufRing {
             }
             *used = 0;
         }
-        self.in_ring -= 1;
         self.returned += 1;
         self.spare.push(bid);
     }
 
     /// A receive found the ring empty: keep twice as many buffers in it.
-    /// True if the ring already held the whole pool (every buffer was out
-    /// to the kernel: the pool itself is too small for the load), false if
-    /// only the window ran dry.
+    /// True if the last `refill` had put the whole pool in the ring (every
+    /// buffer was out to the kernel: the pool itself is too small for the
+    /// load), false if only the window ran dry. (Not the window's size:
+    /// several receives can run dry in one turn, and each doubles it.)
     pub(super) fn starved(&mut self) -> bool {
-        let whole_pool = self.window >= self.count as u32;
         self.window = (self.window * 2).min(self.count as u32);
-        whole_pool
+        self.all_offered
     }
 
     /// Tops the ring up to its window (see [`next_window`]), warmest
@@ -198,15 +199,15 @@ impl BufRing {
     pub(super) fn refill(&mut self) {
         self.window = next_window(self.window, self.returned, self.count as u32);
         self.returned = 0;
-        if self.in_ring >= self.window {
-            return;
+        let in_ring = self.count as u32 - self.spare.len() as u32;
+        if in_ring < self.window {
+            for _ in in_ring..self.window {
+                let bid = self.spare.pop().expect("the window is at most the pool");
+                self.push(bid);
+            }
+            self.publish();
         }
-        while self.in_ring < self.window {
-            let Some(bid) = self.spare.pop() else { break };
-            self.push(bid);
-            self.in_ring += 1;
-        }
-        self.publish();
+        self.all_offered = self.spare.is_empty();
     }
 
     fn push(&mut self, bid: u16) {
