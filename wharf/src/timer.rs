@@ -15,7 +15,24 @@ use std::time::{Duration, Instant};
 
 /// Resolution of the wheel.
 pub(crate) const TICK: Duration = Duration::from_millis(50);
+/// `TICK` in nanoseconds. Tick arithmetic runs in u64 with this constant
+/// divisor (a multiplication once compiled): `Duration::as_nanos` gives a
+/// u128, and each u128 division is a call to a slow helper, several per
+/// message (0.5 % of the loop's CPU at one connection).
+const TICK_NANOS: u64 = TICK.as_nanos() as u64;
 const BUCKETS: usize = 512;
+
+/// `d` in nanoseconds, saturating (u64 nanoseconds span 584 years).
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
+/// Ticks in `d`, rounded up (a timeout never fires early).
+pub(crate) fn ticks(d: Duration) -> u64 {
+    nanos(d).div_ceil(TICK_NANOS)
+}
 
 /// One scheduled look at a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,14 +66,13 @@ impl Wheel {
 
     /// The tick at or after `t` (deadlines are never rounded earlier).
     pub(crate) fn tick_of(&self, t: Instant) -> u64 {
-        let since = t.saturating_duration_since(self.start);
-        since.as_nanos().div_ceil(TICK.as_nanos()) as u64
+        ticks(t.saturating_duration_since(self.start))
     }
 
     /// The tick `t` falls in (for "is it due": a tick is due once it has
     /// begun).
     pub(crate) fn tick_floor(&self, t: Instant) -> u64 {
-        (t.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos()) as u64
+        nanos(t.saturating_duration_since(self.start)) / TICK_NANOS
     }
 
     /// Schedules a look at (slot, generation) at `at`; returns the tick.
@@ -89,8 +105,7 @@ impl Wheel {
 
     /// Moves every entry due by `now` into `due`.
     pub(crate) fn expire(&mut self, now: Instant, due: &mut Vec<Entry>) {
-        let now_tick = now.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos();
-        let now_tick = now_tick as u64;
+        let now_tick = self.tick_floor(now);
         if self.len == 0 {
             self.next = self.next.max(now_tick + 1);
             return;
@@ -128,7 +143,7 @@ impl Wheel {
     /// How long until the next tick that has entries, if any.
     pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
         let tick = self.next_tick()?;
-        let at = self.start + Duration::from_nanos((tick as u128 * TICK.as_nanos()) as u64);
+        let at = self.start + Duration::from_nanos(tick.saturating_mul(TICK_NANOS));
         Some(at.saturating_duration_since(now))
     }
 
@@ -256,6 +271,19 @@ mod tests {
         assert_eq!(due.len(), 10_000);
         let room: usize = w.buckets.iter().map(Vec::capacity).sum();
         assert_eq!(room, 0, "the emptied buckets keep room for {room} entries");
+    }
+
+    #[test]
+    fn ticks_round_up_and_saturate() {
+        use super::{ticks, TICK_NANOS};
+        assert_eq!(ticks(Duration::ZERO), 0);
+        assert_eq!(ticks(Duration::from_nanos(1)), 1);
+        assert_eq!(ticks(TICK), 1);
+        assert_eq!(ticks(TICK + Duration::from_nanos(1)), 2);
+        assert_eq!(ticks(Duration::from_secs(30)), 600);
+        // Far past any deadline, not wrapped round (to 0, in u128 arithmetic
+        // cast down).
+        assert_eq!(ticks(Duration::MAX), u64::MAX.div_ceil(TICK_NANOS));
     }
 
     #[test]

@@ -212,6 +212,46 @@ fn an_idle_timeout_never_fires_early() {
     });
 }
 
+/// A timeout too long to ever come (`Duration::MAX`, as a user writes
+/// "never") does not come: its tick count saturates rather than wrapping
+/// round to a tick that is due at once.
+#[test]
+fn a_timeout_of_duration_max_never_fires() {
+    each_backend(|b| {
+        let server = b
+            .threads(1)
+            .idle_timeout(Duration::MAX)
+            .first_message_timeout(Duration::MAX)
+            .write_stall_timeout(Some(Duration::MAX))
+            .bind("127.0.0.1:0")
+            .unwrap()
+            .start(Echo::default())
+            .unwrap();
+        let mut silent = connect(server.local_addr());
+        let mut s = connect(server.local_addr());
+        write_frame(&mut s, b"ping");
+        assert_eq!(read_frame(&mut s).unwrap(), b"ping");
+        // Several ticks (50 ms each) of idleness, for both.
+        std::thread::sleep(Duration::from_millis(400));
+        for c in [&mut s, &mut silent] {
+            c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut buf = [0u8; 1];
+            match c.read(&mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!("closed by a timeout of Duration::MAX: {other:?}"),
+            }
+        }
+        write_frame(&mut s, b"still here");
+        s.set_read_timeout(None).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), b"still here");
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    });
+}
+
 /// A peer that keeps sending while wharf paused its reading (its replies
 /// are unread) is not idle: it is not closed by the idle timeout.
 #[test]

@@ -10,11 +10,7 @@ use super::Core;
 use crate::error::CloseReason;
 use crate::handler::Handler;
 use crate::sys::{self, Driver};
-use crate::timer::{Entry, TICK};
-
-fn ticks(d: Duration) -> u64 {
-    d.as_nanos().div_ceil(TICK.as_nanos()) as u64
-}
+use crate::timer::{ticks, Entry};
 
 impl<H: Handler> Core<H> {
     /// Starts closing an open connection: `on_close` runs now, once.
