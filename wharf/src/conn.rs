@@ -430,10 +430,7 @@ impl<S> Conn<'_, S> {
         if !self.ctl.open {
             return;
         }
-        let due = self
-            .now
-            .checked_add(after)
-            .unwrap_or(self.now + Duration::from_secs(1 << 32));
+        let due = crate::timer::deadline(self.now, after);
         self.ctl.timers.set(token, due);
         self.touch();
     }

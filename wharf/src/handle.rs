@@ -101,7 +101,7 @@ impl Handle {
     /// [`send`](Self::send) once the connection is closed. For threads
     /// other than the loop's, which hears of it through `Handler::on_drain`.
     pub fn wait_writable(&self, id: ConnId, timeout: Duration) -> Result<bool, SendError> {
-        let until = Instant::now() + timeout;
+        let until = crate::timer::deadline(Instant::now(), timeout);
         let l = self.open_loop(id)?;
         let writable = || match l.live.state(id) {
             Some(false) => Ok(l.live.posted(id.slot()) <= self.shared.limits.high_water),

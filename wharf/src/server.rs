@@ -71,7 +71,7 @@ impl Server {
     }
 
     pub(crate) fn stop(&mut self, deadline: Duration) -> Result<(), ShutdownError> {
-        let until = Instant::now() + deadline;
+        let until = crate::timer::deadline(Instant::now(), deadline);
         for l in &self.handle.shared.loops {
             // A loop that has ended already needs no telling.
             let _ = l.mailbox.post(Command::Shutdown(until));

@@ -22,6 +22,17 @@ pub(crate) const TICK: Duration = Duration::from_millis(50);
 const TICK_NANOS: u64 = TICK.as_nanos() as u64;
 const BUCKETS: usize = 512;
 
+/// The furthest any deadline is put off: longer waits (up to
+/// `Duration::MAX`, which users write for "never") stand for it, so that
+/// adding them to an `Instant` cannot overflow. 2^32 s is 136 years.
+pub(crate) const FOREVER: Duration = Duration::from_secs(1 << 32);
+
+/// `now + d`, with `d` capped at [`FOREVER`]: for every deadline made from
+/// a duration a user gave.
+pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
+    now + d.min(FOREVER)
+}
+
 /// `d` in nanoseconds, saturating (u64 nanoseconds span 584 years).
 fn nanos(d: Duration) -> u64 {
     d.as_secs()
@@ -284,6 +295,9 @@ mod tests {
         // Far past any deadline, not wrapped round (to 0, in u128 arithmetic
         // cast down).
         assert_eq!(ticks(Duration::MAX), u64::MAX.div_ceil(TICK_NANOS));
+        let now = Instant::now();
+        assert_eq!(super::deadline(now, Duration::MAX), now + super::FOREVER);
+        assert_eq!(super::deadline(now, TICK), now + TICK);
     }
 
     #[test]

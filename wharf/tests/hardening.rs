@@ -212,23 +212,32 @@ fn an_idle_timeout_never_fires_early() {
     });
 }
 
-/// A timeout too long to ever come (`Duration::MAX`, as a user writes
-/// "never") does not come: its tick count saturates rather than wrapping
-/// round to a tick that is due at once.
+/// Durations too long to ever pass (`Duration::MAX`, as a user writes
+/// "never") are taken as never: a timeout's tick count saturates rather
+/// than wrapping round to a tick that is due at once, and no deadline made
+/// from one overflows `Instant` (a panic, in the loop or in `shutdown`).
 #[test]
-fn a_timeout_of_duration_max_never_fires() {
+fn durations_of_duration_max_mean_never() {
     each_backend(|b| {
         let server = b
             .threads(1)
             .idle_timeout(Duration::MAX)
             .first_message_timeout(Duration::MAX)
             .write_stall_timeout(Some(Duration::MAX))
+            .close_linger(Duration::MAX)
+            .tick(Duration::MAX)
             .bind("127.0.0.1:0")
             .unwrap()
             .start(Echo::default())
             .unwrap();
-        let mut silent = connect(server.local_addr());
-        let mut s = connect(server.local_addr());
+        let addr = server.local_addr();
+        // A connect (to this server itself) with a timeout of MAX.
+        server
+            .handle()
+            .connect(wharf::Connect::from(addr).timeout(Duration::MAX))
+            .unwrap();
+        let mut silent = connect(addr);
+        let mut s = connect(addr);
         write_frame(&mut s, b"ping");
         assert_eq!(read_frame(&mut s).unwrap(), b"ping");
         // Several ticks (50 ms each) of idleness, for both.
@@ -248,7 +257,19 @@ fn a_timeout_of_duration_max_never_fires() {
         write_frame(&mut s, b"still here");
         s.set_read_timeout(None).unwrap();
         assert_eq!(read_frame(&mut s).unwrap(), b"still here");
-        server.shutdown(Duration::from_secs(2)).unwrap();
+        // A shutdown with no deadline: the connections close (lingering,
+        // without end, for their peers' FIN), and it returns once they have.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done_tx.send(server.shutdown(Duration::MAX)).unwrap());
+        for mut c in [s, silent] {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).expect("the server's FIN");
+        }
+        let result = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shutdown(Duration::MAX) returned once every connection closed");
+        result.unwrap();
     });
 }
 

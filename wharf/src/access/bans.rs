@@ -85,11 +85,7 @@ impl Bans {
     /// given the new deadline).
     pub(crate) fn ban(&self, net: IpNet, duration: Duration, now: Instant) {
         let net = super::rules::canonical(net).trunc();
-        // A duration past what `Instant` holds is as good as forever.
-        let forever = Duration::from_secs(100 * 365 * 24 * 3600);
-        let until = now
-            .checked_add(duration.min(forever))
-            .unwrap_or(now + Duration::from_secs(3600));
+        let until = crate::timer::deadline(now, duration);
         let mut t = self.lock();
         t.expire(now);
         let tick = t.wheel.tick_of(until);

@@ -206,7 +206,7 @@ impl Redis {
     /// the broker (it has members here and the subscription is in place):
     /// from then on, what other nodes publish to it reaches them.
     pub fn wait_subscribed(&self, group: &str, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
+        let until = crate::timer::deadline(Instant::now(), timeout);
         let mut subscribed = self.inner.lock_subscribed();
         while !subscribed.contains(group) {
             let now = Instant::now();
@@ -225,7 +225,7 @@ impl Redis {
 
     /// Waits up to `timeout` until both links to the broker are up.
     pub fn wait_linked(&self, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
+        let until = crate::timer::deadline(Instant::now(), timeout);
         while !self.stats().linked {
             if Instant::now() >= until {
                 return false;

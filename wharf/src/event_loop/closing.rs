@@ -161,7 +161,7 @@ impl<H: Handler> Core<H> {
         }
         let slot = &mut self.conns[key as usize];
         sys::shutdown_write(&slot.socket);
-        let linger = self.now + self.limits.close_linger;
+        let linger = crate::timer::deadline(self.now, self.limits.close_linger);
         let deadline = deadline.map_or(linger, |d| d.min(linger));
         slot.phase = Phase::Closing(Closing::Lingering { deadline });
         self.arm_timer(key);

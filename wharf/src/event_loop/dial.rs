@@ -16,6 +16,7 @@ use super::Core;
 use crate::connect::{ConnectFailure, Dial};
 use crate::handler::Handler;
 use crate::sys::{self, Driver};
+use crate::timer::deadline;
 
 /// A connect waiting to start: the next address now, or a reconnect when
 /// its back-off has passed.
@@ -51,7 +52,7 @@ impl<H: Handler> Core<H> {
                 return self.next_address(dial, addr, e);
             }
         };
-        dial.deadline = Some(self.now + dial.request.timeout);
+        dial.deadline = Some(deadline(self.now, dial.request.timeout));
         dial.timed_out = false;
         let Some(key) = self.insert(socket, addr, Phase::Connecting, Some(dial)) else {
             self.handle.shared.release(None);
@@ -123,7 +124,7 @@ impl<H: Handler> Core<H> {
             ..Dial::new(dial.request.clone())
         };
         self.redials.push(Redial {
-            at: self.now + delay,
+            at: deadline(self.now, delay),
             dial,
             announce: true,
         });

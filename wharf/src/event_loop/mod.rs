@@ -244,7 +244,9 @@ impl<H: Handler> EventLoop<H> {
                 wheel: Wheel::new(now),
                 due: Vec::new(),
                 due_timers: Vec::new(),
-                tick: config.tick.map(|every| (every, now + every)),
+                tick: config
+                    .tick
+                    .map(|every| (every, crate::timer::deadline(now, every))),
                 tick_keys: Vec::new(),
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),

@@ -71,7 +71,7 @@ impl<H: Handler> Core<H> {
         if self.now < at || self.shutdown.is_some() {
             return;
         }
-        self.tick = Some((every, self.now + every));
+        self.tick = Some((every, crate::timer::deadline(self.now, every)));
         let handler = self.handler.clone();
         let keys = std::mem::take(&mut self.tick_keys);
         let mut tick = Tick { core: self, keys };
