@@ -62,6 +62,27 @@ pub(crate) struct Wheel {
     /// The next tick not yet processed.
     next: u64,
     len: usize,
+    /// The earliest tick that has an entry, while known: a loop asks for it
+    /// before every wait, and a busy connection's activity moves its real
+    /// deadline without touching the wheel, so it is kept rather than
+    /// searched for each turn. Scheduling keeps it; expiring entries
+    /// forgets it, and the next question searches again.
+    earliest: Option<Option<u64>>,
+}
+
+/// A moment as a wheel reads it, from one read of the clock: the
+/// nanoseconds since the wheel's start, and the ticks it falls in and
+/// rounds up to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Moment {
+    pub(crate) at: Instant,
+    nanos: u64,
+    /// The tick `at` falls in (for "is it due": a tick is due once it has
+    /// begun).
+    pub(crate) floor: u64,
+    /// The tick at or after `at` (for stamping activity, so that a timeout
+    /// counted from it never fires early).
+    pub(crate) ceil: u64,
 }
 
 impl Wheel {
@@ -72,18 +93,24 @@ impl Wheel {
             occupied: [0; BUCKETS / 64],
             next: 0,
             len: 0,
+            earliest: Some(None),
+        }
+    }
+
+    /// `t` as this wheel counts time.
+    pub(crate) fn moment(&self, t: Instant) -> Moment {
+        let nanos = nanos(t.saturating_duration_since(self.start));
+        Moment {
+            at: t,
+            nanos,
+            floor: nanos / TICK_NANOS,
+            ceil: nanos.div_ceil(TICK_NANOS),
         }
     }
 
     /// The tick at or after `t` (deadlines are never rounded earlier).
     pub(crate) fn tick_of(&self, t: Instant) -> u64 {
         ticks(t.saturating_duration_since(self.start))
-    }
-
-    /// The tick `t` falls in (for "is it due": a tick is due once it has
-    /// begun).
-    pub(crate) fn tick_floor(&self, t: Instant) -> u64 {
-        nanos(t.saturating_duration_since(self.start)) / TICK_NANOS
     }
 
     /// Schedules a look at (slot, generation) at `at`; returns the tick.
@@ -105,6 +132,9 @@ impl Wheel {
         });
         self.occupied[b / 64] |= 1 << (b % 64);
         self.len += 1;
+        if let Some(earliest) = &mut self.earliest {
+            *earliest = Some(earliest.map_or(tick, |e| e.min(tick)));
+        }
         tick
     }
 
@@ -116,7 +146,13 @@ impl Wheel {
 
     /// Moves every entry due by `now` into `due`.
     pub(crate) fn expire(&mut self, now: Instant, due: &mut Vec<Entry>) {
-        let now_tick = self.tick_floor(now);
+        let now_tick = self.moment(now).floor;
+        self.expire_tick(now_tick, due);
+    }
+
+    /// Moves every entry due by the tick `now_tick` (a `Moment::floor`)
+    /// into `due`.
+    pub(crate) fn expire_tick(&mut self, now_tick: u64, due: &mut Vec<Entry>) {
         if self.len == 0 {
             self.next = self.next.max(now_tick + 1);
             return;
@@ -135,7 +171,10 @@ impl Wheel {
                     i += 1;
                 }
             }
-            self.len -= before - bucket.len();
+            if bucket.len() < before {
+                self.len -= before - bucket.len();
+                self.earliest = None;
+            }
             if bucket.is_empty() {
                 self.occupied[b / 64] &= !(1 << (b % 64));
                 // A burst (ten thousand connections opened at once) leaves
@@ -151,11 +190,18 @@ impl Wheel {
         self.next = self.next.max(now_tick + 1);
     }
 
-    /// How long until the next tick that has entries, if any.
-    pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        let tick = self.next_tick()?;
-        let at = self.start + Duration::from_nanos(tick.saturating_mul(TICK_NANOS));
-        Some(at.saturating_duration_since(now))
+    /// How long from `now` until the next tick that has entries, if any.
+    pub(crate) fn next_timeout(&mut self, now: &Moment) -> Option<Duration> {
+        let tick = match self.earliest {
+            Some(known) => known,
+            None => {
+                let found = self.next_tick();
+                self.earliest = Some(found);
+                found
+            }
+        }?;
+        let at = tick.saturating_mul(TICK_NANOS);
+        Some(Duration::from_nanos(at.saturating_sub(now.nanos)))
     }
 
     /// The earliest tick that has an entry. Buckets are visited in order
@@ -211,6 +257,11 @@ impl Wheel {
 mod tests {
     use super::*;
 
+    fn timeout(w: &mut Wheel, now: Instant) -> Option<Duration> {
+        let now = w.moment(now);
+        w.next_timeout(&now)
+    }
+
     #[test]
     fn entries_fire_at_their_tick_not_before() {
         let t0 = Instant::now();
@@ -227,7 +278,7 @@ mod tests {
         assert!(due.is_empty(), "120 ms rounds up to the 150 ms tick");
         w.expire(t0 + Duration::from_millis(151), &mut due);
         assert_eq!(due.iter().map(|e| e.slot).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(w.next_timeout(t0), None);
+        assert_eq!(timeout(&mut w, t0), None);
     }
 
     #[test]
@@ -306,12 +357,12 @@ mod tests {
         let mut w = Wheel::new(t0);
         w.schedule(1, 1, t0 + Duration::from_secs(1));
         w.schedule(2, 1, t0 + Duration::from_secs(60));
-        let d = w.next_timeout(t0).unwrap();
+        let d = timeout(&mut w, t0).unwrap();
         assert_eq!(d, Duration::from_secs(1), "sleeps until the first entry");
         let mut due = Vec::new();
         w.expire(t0 + Duration::from_secs(1), &mut due);
         assert_eq!(due.len(), 1);
-        let d = w.next_timeout(t0 + Duration::from_secs(1)).unwrap();
+        let d = timeout(&mut w, t0 + Duration::from_secs(1)).unwrap();
         assert_eq!(d, Duration::from_secs(59), "then until the next one");
     }
 
@@ -322,14 +373,14 @@ mod tests {
         // Past a whole turn of the wheel: the bucket is near, its tick far.
         let far = TICK * (BUCKETS as u32 * 3 + 5);
         w.schedule(1, 1, t0 + far);
-        assert_eq!(w.next_timeout(t0), Some(far));
+        assert_eq!(timeout(&mut w, t0), Some(far));
         // Move `next` near the end of the buckets so the search wraps.
         let mut due = Vec::new();
         w.expire(t0 + TICK * (BUCKETS as u32 - 3), &mut due);
         assert!(due.is_empty());
         let now = t0 + TICK * (BUCKETS as u32 - 3);
         w.schedule(2, 1, now + TICK * 10);
-        assert_eq!(w.next_timeout(now), Some(TICK * 10));
+        assert_eq!(timeout(&mut w, now), Some(TICK * 10));
     }
 
     #[test]
@@ -357,6 +408,12 @@ mod tests {
             }
             let want = w.buckets.iter().flatten().map(|e| e.tick).min();
             assert_eq!(w.next_tick(), want);
+            // And the earliest tick the wheel keeps between questions (asked
+            // now and then, so that schedules and expiries pile up between).
+            if rand() % 4 == 0 {
+                let want = want.map(|t| (t0 + TICK * t as u32).saturating_duration_since(now));
+                assert_eq!(timeout(&mut w, now), want);
+            }
         }
     }
 }

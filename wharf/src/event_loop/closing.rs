@@ -161,7 +161,7 @@ impl<H: Handler> Core<H> {
         }
         let slot = &mut self.conns[key as usize];
         sys::shutdown_write(&slot.socket);
-        let linger = crate::timer::deadline(self.now, self.limits.close_linger);
+        let linger = crate::timer::deadline(self.now.at, self.limits.close_linger);
         let deadline = deadline.map_or(linger, |d| d.min(linger));
         slot.phase = Phase::Closing(Closing::Lingering { deadline });
         self.arm_timer(key);
@@ -258,6 +258,8 @@ impl<H: Handler> Core<H> {
     }
 
     /// The tick at which this connection next needs a look, if any.
+    /// (Asked after every step a connection takes, so a chain of `sooner`
+    /// rather than an iterator over an array of options.)
     fn due_tick(&self, slot: &Slot<H::State>) -> Option<u64> {
         let l = &self.limits;
         let stall = l
@@ -267,37 +269,31 @@ impl<H: Handler> Core<H> {
         let at = |d: Instant| self.wheel.tick_of(d);
         match &slot.phase {
             Phase::Connecting => slot.dial.as_ref().and_then(|d| d.deadline).map(at),
-            Phase::Open(open) if open.handshaking => [
+            Phase::Open(open) if open.handshaking => sooner(
                 Some(slot.opened_tick + ticks(l.tls_handshake_timeout)),
                 self.shutdown.map(at),
-            ]
-            .into_iter()
-            .flatten()
-            .min(),
-            Phase::Open(open) => [
+            ),
+            Phase::Open(open) => {
                 // Idle time does not run while wharf itself paused reading
                 // or the connection waits for its jobs: a peer that is
                 // sending is not idle (the write-stall timeout covers a
                 // peer that stopped reading).
-                l.idle_timeout
+                let idle = l
+                    .idle_timeout
                     .filter(|_| {
                         !open.congested && !slot.ctl.read_paused && slot.ctl.jobs.in_flight() == 0
                     })
-                    .map(|d| slot.last_recv_tick + ticks(d)),
-                // Left open at shutdown for its jobs' results.
-                self.shutdown.map(at),
-                slot.ctl.timers.earliest().map(at),
-                l.first_message_timeout
+                    .map(|d| slot.last_recv_tick + ticks(d));
+                let first = l
+                    .first_message_timeout
                     .filter(|_| !open.got_message)
-                    .map(|d| slot.opened_tick + ticks(d)),
-                stall,
-            ]
-            .into_iter()
-            .flatten()
-            .min(),
-            Phase::Closing(Closing::Flushing { deadline, .. }) => {
-                [deadline.map(at), stall].into_iter().flatten().min()
+                    .map(|d| slot.opened_tick + ticks(d));
+                // Left open at shutdown for its jobs' results.
+                let shutdown = self.shutdown.map(at);
+                let timers = slot.ctl.timers.earliest().map(at);
+                sooner(sooner(idle, first), sooner(stall, sooner(shutdown, timers)))
             }
+            Phase::Closing(Closing::Flushing { deadline, .. }) => sooner(deadline.map(at), stall),
             Phase::Closing(Closing::Lingering { deadline }) => Some(at(*deadline)),
             Phase::Closing(Closing::Draining { .. }) => None,
         }
@@ -331,7 +327,7 @@ impl<H: Handler> Core<H> {
             return;
         };
         match self.due_tick(slot) {
-            Some(due) if due <= self.now_tick => self.expire(key),
+            Some(due) if due <= self.now.floor => self.expire(key),
             Some(_) => self.arm_timer(key),
             None => {}
         }
@@ -346,7 +342,7 @@ impl<H: Handler> Core<H> {
             return;
         }
         let mut due = std::mem::take(&mut self.due_timers);
-        slot.ctl.timers.take_due(self.now, &mut due);
+        slot.ctl.timers.take_due(self.now.at, &mut due);
         let id = self.id_of(key);
         let handler = self.handler.clone();
         for (_, token) in due.drain(..) {
@@ -365,7 +361,7 @@ impl<H: Handler> Core<H> {
 
     /// A deadline of this connection passed.
     fn expire(&mut self, key: u32) {
-        let now = self.now_tick;
+        let now = self.now.floor;
         let l = self.limits;
         let slot = &self.conns[key as usize];
         match &slot.phase {
@@ -398,5 +394,15 @@ impl<H: Handler> Core<H> {
             Phase::Closing(_) => self.start_draining(key),
             Phase::Connecting => self.connect_timed_out(key),
         }
+    }
+}
+
+/// The earlier of two ticks, either of which may be absent.
+#[inline]
+fn sooner(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
     }
 }

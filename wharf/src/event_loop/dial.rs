@@ -52,7 +52,7 @@ impl<H: Handler> Core<H> {
                 return self.next_address(dial, addr, e);
             }
         };
-        dial.deadline = Some(deadline(self.now, dial.request.timeout));
+        dial.deadline = Some(deadline(self.now.at, dial.request.timeout));
         dial.timed_out = false;
         let Some(key) = self.insert(socket, addr, Phase::Connecting, Some(dial)) else {
             self.handle.shared.release(None);
@@ -72,7 +72,7 @@ impl<H: Handler> Core<H> {
         tracing::debug!(%addr, error = %e, "connect failed; trying the next address");
         dial.last_error = Some(e);
         self.redials.push(Redial {
-            at: self.now,
+            at: self.now.at,
             dial,
             announce: false,
         });
@@ -124,7 +124,7 @@ impl<H: Handler> Core<H> {
             ..Dial::new(dial.request.clone())
         };
         self.redials.push(Redial {
-            at: deadline(self.now, delay),
+            at: deadline(self.now.at, delay),
             dial,
             announce: true,
         });
@@ -132,7 +132,7 @@ impl<H: Handler> Core<H> {
 
     /// Starts the connects whose time has come (from `maintain`).
     pub(super) fn run_redials(&mut self, driver: &mut Driver) {
-        let now = self.now;
+        let now = self.now.at;
         let mut i = 0;
         while i < self.redials.len() {
             if self.redials[i].at > now {

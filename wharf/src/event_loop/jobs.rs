@@ -48,7 +48,7 @@ impl<H: Handler> Core<H> {
     fn apply(&mut self, key: u32, output: Output) {
         self.counters.jobs_done += 1;
         let id = self.id_of(key);
-        let stamp = self.stamp_tick;
+        let stamp = self.now.ceil;
         // Work came back: the connection is not idle.
         self.conns[key as usize].last_recv_tick = stamp;
         let outcome = output.and_then(|any| match any.downcast::<Apply<H::State>>() {

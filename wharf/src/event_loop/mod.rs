@@ -43,7 +43,7 @@ use crate::limits::Limits;
 use crate::mailbox::Command;
 use crate::stats::Counters;
 use crate::sys::{self, Driver, DriverConfig, Event, Flow, Listener, SendBatch};
-use crate::timer::{Entry, Wheel};
+use crate::timer::{Entry, Moment, Wheel};
 
 use self::slot::{Closing, Phase, Slot};
 
@@ -159,12 +159,10 @@ struct Core<H: Handler> {
     /// connection, by (slot, sequence number); emptied as they are applied
     /// or their connection closes.
     early_results: std::collections::HashMap<(u32, u32), crate::mailbox::Output>,
-    /// This turn's time, and the wheel tick it falls in (for "is it due")
-    /// and the one at or after it (for stamping activity, so that a
-    /// timeout never fires early).
-    now: Instant,
-    now_tick: u64,
-    stamp_tick: u64,
+    /// This turn's time, and the wheel ticks it falls in (for "is it due")
+    /// and rounds up to (for stamping activity, so that a timeout never
+    /// fires early).
+    now: Moment,
     commands: Vec<Command>,
     #[allow(clippy::vec_box)] // boxes move to the driver and back
     spare_batches: Vec<Box<SendBatch>>,
@@ -222,6 +220,8 @@ impl<H: Handler> EventLoop<H> {
             .mailbox
             .set_waker(driver.waker());
         let rules = crate::access::LoopRules::new(&handle.shared.access.rules);
+        let wheel = Wheel::new(now);
+        let now = wheel.moment(now);
         EventLoop {
             driver,
             core: Core {
@@ -241,12 +241,12 @@ impl<H: Handler> EventLoop<H> {
                 listeners,
                 reserve: sys::Reserve::new(),
                 touched: Vec::new(),
-                wheel: Wheel::new(now),
+                wheel,
                 due: Vec::new(),
                 due_timers: Vec::new(),
                 tick: config
                     .tick
-                    .map(|every| (every, crate::timer::deadline(now, every))),
+                    .map(|every| (every, crate::timer::deadline(now.at, every))),
                 tick_keys: Vec::new(),
                 redials: Vec::new(),
                 rng: jitter_seed(config.index),
@@ -254,8 +254,6 @@ impl<H: Handler> EventLoop<H> {
                 rules,
                 early_results: std::collections::HashMap::new(),
                 now,
-                now_tick: 0,
-                stamp_tick: 0,
                 commands: Vec::new(),
                 spare_batches: Vec::new(),
                 spare_reassembly: Vec::new(),
@@ -312,9 +310,7 @@ impl<H: Handler> Core<H> {
     }
 
     fn set_now(&mut self, now: Instant) {
-        self.now = now;
-        self.now_tick = self.wheel.tick_floor(now);
-        self.stamp_tick = self.wheel.tick_of(now);
+        self.now = self.wheel.moment(now);
     }
 
     fn on_event(&mut self, event: Event<'_>) -> Flow {
@@ -356,9 +352,9 @@ impl<H: Handler> Core<H> {
                     self.counters.shed += shed as u64;
                 }
                 tracing::warn!(error = %e, "accept failed; pausing accepts");
-                l.retry_at = Some(self.now + ACCEPT_BACKOFF);
+                l.retry_at = Some(self.now.at + ACCEPT_BACKOFF);
             }
-            None => l.retry_at = Some(self.now),
+            None => l.retry_at = Some(self.now.at),
         }
     }
 
@@ -462,7 +458,7 @@ impl<H: Handler> Core<H> {
                 !s.outbound
                     && matches!(s.phase, Phase::Open(_))
                     && net.contains(&ip)
-                    && bans.is_banned(ip, self.now)
+                    && bans.is_banned(ip, self.now.at)
             })
             .map(|(k, _)| k as u32)
             .collect();
@@ -586,7 +582,7 @@ impl<H: Handler> Core<H> {
 
     /// Retries listeners, fires due timers and moves touched slots forward.
     fn maintain(&mut self, driver: &mut Driver) {
-        let now = self.now;
+        let now = self.now.at;
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if let (Some(at), Some(socket)) = (l.retry_at, &l.socket) {
                 if at <= now && self.shutdown.is_none() {
@@ -597,7 +593,7 @@ impl<H: Handler> Core<H> {
             }
         }
         let mut due = std::mem::take(&mut self.due);
-        self.wheel.expire(now, &mut due);
+        self.wheel.expire_tick(self.now.floor, &mut due);
         for entry in due.drain(..) {
             self.timer_fired(entry);
         }
@@ -629,7 +625,7 @@ impl<H: Handler> Core<H> {
         self.handle.shared.pool.wake_workers();
     }
 
-    fn next_timeout(&self) -> Option<Duration> {
+    fn next_timeout(&mut self) -> Option<Duration> {
         if !self.touched.is_empty()
             || !self.groups.outbox.is_empty()
             || self.shared().mailbox.has_pending()
@@ -638,8 +634,8 @@ impl<H: Handler> Core<H> {
             // (before its waker was set): do not sleep on them.
             return Some(Duration::ZERO);
         }
-        let now = self.now;
-        let mut next = self.wheel.next_timeout(now);
+        let mut next = self.wheel.next_timeout(&self.now);
+        let now = self.now.at;
         for l in &self.listeners {
             if let Some(t) = l.retry_at {
                 let d = t.saturating_duration_since(now);

@@ -33,7 +33,7 @@ impl<H: Handler> Core<H> {
             Err(_) => return, // already reset by the peer
         };
         let access = &self.handle.shared.access;
-        if let Err(refused) = access.check(&mut self.rules, peer.ip(), self.now) {
+        if let Err(refused) = access.check(&mut self.rules, peer.ip(), self.now.at) {
             // Closed at once, before any callback or slot, with a reset.
             match refused {
                 Refused::Denied => self.counters.denied += 1,
@@ -76,7 +76,7 @@ impl<H: Handler> Core<H> {
             .shared
             .access
             .bans
-            .is_banned(peer.ip(), self.now)
+            .is_banned(peer.ip(), self.now.at)
         {
             // Banned while it was on its way from the loop that accepted
             // it: the ban's Kick may have reached this loop before it did.
@@ -167,9 +167,9 @@ impl<H: Handler> Core<H> {
             io: Io::default(),
             tls: None,
             phase,
-            opened_tick: self.stamp_tick,
-            last_recv_tick: self.stamp_tick,
-            last_write_tick: self.stamp_tick,
+            opened_tick: self.now.ceil,
+            last_recv_tick: self.now.ceil,
+            last_write_tick: self.now.ceil,
             timer: None,
         });
         Some(key as u32)
@@ -185,7 +185,7 @@ impl<H: Handler> Core<H> {
                 self.counters.tls_handshakes += 1;
                 // The first-message timeout counts from here: the
                 // handshake had its own.
-                slot.opened_tick = self.stamp_tick;
+                slot.opened_tick = self.now.ceil;
             }
         }
         if let Some(dial) = &mut slot.dial {
@@ -251,7 +251,7 @@ impl<H: Handler> Core<H> {
             counters: &mut self.counters,
             groups: &mut self.groups,
             handle: &self.handle,
-            now: self.now,
+            now: self.now.at,
             socket: &slot.socket,
             tls: slot.tls.as_deref(),
         };
@@ -264,8 +264,8 @@ impl<H: Handler> Core<H> {
             Ok(()) if self.shutdown.is_none() => {
                 sys::prepare(&slot.socket, &self.socket_options);
                 slot.phase = Phase::Open(Open::default());
-                slot.last_recv_tick = self.stamp_tick;
-                slot.opened_tick = self.stamp_tick;
+                slot.last_recv_tick = self.now.ceil;
+                slot.opened_tick = self.now.ceil;
                 if let Some(dial) = &mut slot.dial {
                     // Connected: the connect timeout is over (a TLS
                     // handshake has its own). The back-off and the

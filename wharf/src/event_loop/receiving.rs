@@ -39,7 +39,7 @@ impl<H: Handler> Core<H> {
         if slot.ctl.close_request.is_some() || open.eof {
             return Flow::Continue;
         }
-        slot.last_recv_tick = self.stamp_tick;
+        slot.last_recv_tick = self.now.ceil;
         let was_handshaking = open.handshaking;
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
@@ -122,7 +122,7 @@ impl<H: Handler> Core<H> {
             // close, so these bytes could not be framed anyway.
             return Flow::Continue;
         }
-        slot.last_recv_tick = self.stamp_tick;
+        slot.last_recv_tick = self.now.ceil;
         let jobs_full = slot.ctl.jobs.in_flight() >= self.limits.jobs_per_connection;
         let held_back = open.congested || slot.ctl.read_paused || jobs_full;
         if held_back || !open.held.is_empty() || slot.ctl.unsent > high {
@@ -216,7 +216,7 @@ impl<H: Handler> Core<H> {
             counters: &mut self.counters,
             groups: &mut self.groups,
             handle: &self.handle,
-            now: self.now,
+            now: self.now.at,
             socket: &slot.socket,
             tls: slot.tls.as_deref(),
         };

@@ -31,7 +31,7 @@ impl<H: Handler> Core<H> {
                 self.counters.bytes_dropped -= already_dropped as u64;
                 slot.ctl.unsent -= n - already_dropped;
                 if n > 0 {
-                    slot.last_write_tick = self.stamp_tick;
+                    slot.last_write_tick = self.now.ceil;
                 }
                 batch.advance(n);
                 if batch.is_empty() {
@@ -49,7 +49,7 @@ impl<H: Handler> Core<H> {
                         open.congested = false;
                         // Reading resumes now: the idle clock starts again
                         // (it does not run while wharf itself paused reading).
-                        slot.last_recv_tick = self.stamp_tick;
+                        slot.last_recv_tick = self.now.ceil;
                         self.shared().live.set_congested(key, false);
                         let id = self.id_of(key);
                         let handler = self.handler.clone();
@@ -205,7 +205,7 @@ impl<H: Handler> Core<H> {
         }
         if slot.io.leftover.is_none() && slot.ctl.unsent == slot.ctl.out.len() {
             // The queue starts moving now: the stall clock starts now.
-            slot.last_write_tick = self.stamp_tick;
+            slot.last_write_tick = self.now.ceil;
         }
         let mut batch = slot
             .io

@@ -29,7 +29,7 @@ impl<H: Handler> Tick<'_, H> {
 
     /// The time this tick runs at (the loop's clock for this turn).
     pub fn now(&self) -> Instant {
-        self.core.now
+        self.core.now.at
     }
 
     /// Open connections on this loop.
@@ -68,10 +68,10 @@ impl<H: Handler> Core<H> {
         let Some((every, at)) = self.tick else {
             return;
         };
-        if self.now < at || self.shutdown.is_some() {
+        if self.now.at < at || self.shutdown.is_some() {
             return;
         }
-        self.tick = Some((every, crate::timer::deadline(self.now, every)));
+        self.tick = Some((every, crate::timer::deadline(self.now.at, every)));
         let handler = self.handler.clone();
         let keys = std::mem::take(&mut self.tick_keys);
         let mut tick = Tick { core: self, keys };
