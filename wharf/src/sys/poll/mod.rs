@@ -86,6 +86,8 @@ pub(crate) struct Driver {
     paused: Vec<u32>,
     /// Listeners to accept from without waiting for a new edge.
     accept_again: Vec<u32>,
+    /// This turn's events, copied out of `events` (reused).
+    ready: Vec<(Token, bool, bool)>,
     in_flight: usize,
 }
 
@@ -104,6 +106,7 @@ impl Driver {
             read_again: Vec::new(),
             paused: Vec::new(),
             accept_again: Vec::new(),
+            ready: Vec::new(),
             in_flight: 0,
         })
     }
@@ -261,13 +264,23 @@ impl Driver {
             }
         }
         let mut busy = self.report_done(&mut f);
-        for listener in std::mem::take(&mut self.accept_again) {
+        // Handling these can queue them again, into the emptied lists; the
+        // drained ones are kept for their room when nothing was.
+        let mut again = std::mem::take(&mut self.accept_again);
+        for listener in again.drain(..) {
             busy = true;
             self.accept(listener, &mut f);
         }
-        for slot in std::mem::take(&mut self.read_again) {
+        if self.accept_again.is_empty() {
+            self.accept_again = again;
+        }
+        let mut again = std::mem::take(&mut self.read_again);
+        for slot in again.drain(..) {
             busy = true;
             self.read(slot, &mut f);
+        }
+        if self.read_again.is_empty() {
+            self.read_again = again;
         }
         let timeout = if busy || !self.done.is_empty() {
             Some(Duration::ZERO)
@@ -279,18 +292,17 @@ impl Driver {
                 return Err(e);
             }
         }
-        let ready: Vec<(Token, bool, bool)> = self
-            .events
-            .iter()
-            .map(|e| {
-                (
-                    e.token(),
-                    e.is_readable() || e.is_read_closed() || e.is_error(),
-                    e.is_writable() || e.is_write_closed() || e.is_error(),
-                )
-            })
-            .collect();
-        for (token, readable, writable) in ready {
+        // Copied out of `events` (handling one can change the driver), into
+        // a list kept from turn to turn rather than allocated each.
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.extend(self.events.iter().map(|e| {
+            (
+                e.token(),
+                e.is_readable() || e.is_read_closed() || e.is_error(),
+                e.is_writable() || e.is_write_closed() || e.is_error(),
+            )
+        }));
+        for (token, readable, writable) in ready.drain(..) {
             match token {
                 WAKE => {
                     f(Event::Woken);
@@ -307,6 +319,7 @@ impl Driver {
                 }
             }
         }
+        self.ready = ready;
         self.report_done(&mut f);
         Ok(())
     }
