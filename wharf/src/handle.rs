@@ -251,6 +251,19 @@ impl Handle {
         self.shared.groups.list()
     }
 
+    /// Makes loop `index` fail as if its driver had returned an error: it
+    /// closes its connections (`CloseReason::LoopFailed`) and its
+    /// listeners, and calls on its ids fail with `SendError::LoopFailed`.
+    /// For tests of that path on real sockets; `false` if the loop had
+    /// ended already.
+    #[doc(hidden)]
+    pub fn inject_loop_failure(&self, index: usize) -> bool {
+        self.shared.loops[index]
+            .mailbox
+            .post(Command::InjectFailure)
+            .is_ok()
+    }
+
     /// Closes connection `id` after what is queued for it has been sent; its
     /// `on_close` gets [`CloseReason::Disconnected`](crate::CloseReason::Disconnected).
     pub fn disconnect(&self, id: ConnId) -> Result<(), SendError> {

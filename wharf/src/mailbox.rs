@@ -73,6 +73,9 @@ pub(crate) enum Command {
     Shutdown(Instant),
     /// A worker finished a job of a connection of this loop.
     JobDone(Done),
+    /// Fail as a driver error would (`Handle::inject_loop_failure`, for
+    /// tests of what a failed loop leaves behind on real sockets).
+    InjectFailure,
 }
 
 /// What wakes the loop; the real one is the driver's (`sys::Waker`).

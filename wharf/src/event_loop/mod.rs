@@ -173,6 +173,8 @@ struct Core<H: Handler> {
     /// and an idle connection still holds none.
     spare_reassembly: Vec<Vec<u8>>,
     shutdown: Option<Instant>,
+    /// A test asked this loop to fail (`Command::InjectFailure`).
+    failure_injected: bool,
     counters: Counters,
 }
 
@@ -258,6 +260,7 @@ impl<H: Handler> EventLoop<H> {
                 spare_batches: Vec::new(),
                 spare_reassembly: Vec::new(),
                 shutdown: None,
+                failure_injected: false,
                 counters: Counters::default(),
             },
         }
@@ -290,6 +293,11 @@ impl<H: Handler> EventLoop<H> {
                 core.set_now(clock());
             }
             core.run_commands(driver);
+            if core.failure_injected {
+                break Some(std::io::Error::other(
+                    "a failure injected by Handle::inject_loop_failure",
+                ));
+            }
             core.maintain(driver);
             core.publish();
             if core.finished(driver) {
@@ -423,6 +431,7 @@ impl<H: Handler> Core<H> {
             Command::Adopt(socket, peer) => self.adopt(socket, peer),
             Command::Shutdown(until) => self.begin_shutdown(driver, until),
             Command::JobDone(done) => self.job_done(done),
+            Command::InjectFailure => self.failure_injected = true,
         }
     }
 
@@ -728,6 +737,7 @@ impl<H: Handler> Core<H> {
                 | Command::Leave(..)
                 | Command::Disconnect(_)
                 | Command::Shutdown(_)
+                | Command::InjectFailure
                 | Command::StopReconnect(_)
                 | Command::Kick(_) => {}
             }
