@@ -66,7 +66,8 @@ pub(crate) struct Wheel {
     /// before every wait, and a busy connection's activity moves its real
     /// deadline without touching the wheel, so it is kept rather than
     /// searched for each turn. Scheduling keeps it; expiring entries
-    /// forgets it, and the next question searches again.
+    /// forgets it, and the next question searches again. `None`: not
+    /// known; `Some(None)`: known to be empty.
     earliest: Option<Option<u64>>,
 }
 
